@@ -1,0 +1,600 @@
+"""The HDF5 contract between stages: features files and labels files.
+
+Other tools read these files, so the names are exact and documented in the README.
+
+**Features file** (root attr ``format`` = ``"partreid.features"``, ``format_version`` = 1)
+
+========== ===================== ========== =============================================
+dataset    dtype                 shape      meaning
+========== ===================== ========== =============================================
+``global`` float32               (N, D)     the retrieval feature
+``parts``  float32               (N, P, Dp) optional, one row per part
+``path``   variable-length UTF-8 (N,)       image path, relative to the dataset root
+``pid``    int64                 (N,)       person id; -1 = unknown
+``camid``  int64                 (N,)       camera id; -1 = unknown
+========== ===================== ========== =============================================
+
+Root attributes: ``format``, ``format_version``, ``normalized`` (bool), ``dataset``, ``dataset_root``,
+``dataset_fingerprint``, ``split``, ``model_sha256``, ``image_size`` ([H, W] pixels), ``command``,
+``package_version``, ``created``.
+
+**Labels file** (``format`` = ``"partreid.labels"``, ``format_version`` = 1): ``labels`` int64 (N,) with
+-1 = outlier; optional ``agreement`` float32 (N, P) (written by ``refine-labels``); optional ``knn`` int64
+(N, k) (the neighbour lists ``cluster`` computed, self included, nearest first); ``path``, ``pid``, ``camid``
+copied from the features file. Root attributes: ``format``, ``format_version``, ``features_file``,
+``features_sha256`` and the parameters that produced the labels.
+
+Rules: readers check the format, the version, that all shapes agree and that features are finite; every
+failure raises :class:`common.errors.InputError` with one line naming the file and the problem. Writes are
+atomic (temporary file in the same folder, then rename). ``.csv`` is accepted for labels files as an
+export/import format.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from common import __version__
+from common.errors import InputError
+from common.fileio import PathLike, atomic_path, sha256_file
+
+FEATURES_FORMAT = "partreid.features"
+LABELS_FORMAT = "partreid.labels"
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+#: rows checked per block for NaN/Inf, so validation of a 4M×768 file needs bounded memory
+_CHECK_ROWS = 65536
+
+
+@dataclass
+class FeaturesFile:
+    """Contents of a features file.
+
+    Attributes:
+        global_feats: float32 (N, D) retrieval features.
+        parts: float32 (N, P, Dp) part features, or None.
+        path: object array (N,) of str, paths relative to the dataset root.
+        pid: int64 (N,), -1 = unknown.
+        camid: int64 (N,), -1 = unknown.
+        attrs: the root attributes (plain Python values).
+        filename: where the file was read from.
+    """
+
+    global_feats: np.ndarray
+    parts: Optional[np.ndarray]
+    path: np.ndarray
+    pid: np.ndarray
+    camid: np.ndarray
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    filename: Optional[Path] = None
+
+    def __len__(self) -> int:
+        return int(self.global_feats.shape[0])
+
+    @property
+    def has_pids(self) -> bool:
+        """True when at least one row carries a real person id (pid >= 0)."""
+        return bool(len(self.pid)) and bool((self.pid >= 0).any())
+
+
+@dataclass
+class LabelsFile:
+    """Contents of a labels file.
+
+    Attributes:
+        labels: int64 (N,), -1 = outlier.
+        agreement: float32 (N, P) cross-agreement scores, or None.
+        knn: int64 (N, k) neighbour lists (self included, nearest first), or None.
+        path, pid, camid: as in :class:`FeaturesFile`.
+        attrs: root attributes, including ``features_file`` and ``features_sha256``.
+        filename: where the file was read from.
+    """
+
+    labels: np.ndarray
+    agreement: Optional[np.ndarray]
+    knn: Optional[np.ndarray]
+    path: np.ndarray
+    pid: np.ndarray
+    camid: np.ndarray
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    filename: Optional[Path] = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_clusters(self) -> int:
+        """Number of clusters (labels >= 0)."""
+        return int(np.unique(self.labels[self.labels >= 0]).size)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def stage_attrs(command: str = "") -> Dict[str, Any]:
+    """Provenance attributes every stage writes: ``command``, ``package_version``, ``created`` (UTC ISO)."""
+    if not command:
+        command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""
+    return {
+        "command": command,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _to_attr(value: Any) -> Any:
+    """Convert a Python value to something h5py stores as an attribute (dicts/None become JSON strings)."""
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list, tuple)) and not (
+            isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float, np.number)) for v in value)):
+        return json.dumps(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _open_h5(path: PathLike, what: str) -> h5py.File:
+    path = Path(path)
+    if str(path) == "-" or not str(path):
+        raise InputError(f"no {what} given (argument empty and nothing on stdin)")
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {what}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:  # not HDF5, truncated, locked
+        reason = "truncated or corrupt HDF5 file" if h5py.is_hdf5(path) else "not an HDF5 file"
+        raise InputError(f"{path}: {reason} ({str(exc).splitlines()[0]})") from None
+
+
+def _check_format(f: h5py.File, path: Path, expected: str) -> Dict[str, Any]:
+    attrs = {k: _from_attr(v) for k, v in f.attrs.items()}
+    fmt = attrs.get("format")
+    if fmt != expected:
+        found = f"format {fmt!r}" if fmt is not None else "no 'format' attribute"
+        raise InputError(f"{path}: not a {expected} file ({found})")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: {expected} format_version {version} is not supported (expected {FORMAT_VERSION})")
+    return attrs
+
+
+def _read(f: h5py.File, path: Path, name: str, required: bool = True) -> Optional[np.ndarray]:
+    if name not in f:
+        if required:
+            raise InputError(f"{path}: dataset '{name}' is missing")
+        return None
+    try:
+        ds = f[name]
+        if ds.dtype.kind == "O" or h5py.check_string_dtype(ds.dtype) is not None:
+            return np.asarray(ds.asstr()[...], dtype=object)
+        return ds[...]
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: dataset '{name}' is unreadable, the file is probably truncated "
+                         f"({str(exc).splitlines()[0]})") from None
+
+
+def _check_rows(where: Path, n: int, **arrays: Optional[np.ndarray]) -> None:
+    for name, arr in arrays.items():
+        if arr is not None and arr.shape[0] != n:
+            raise InputError(f"{where}: mismatched N: '{name}' has {arr.shape[0]} rows, expected {n}")
+
+
+def _check_finite(path: Path, name: str, arr: np.ndarray) -> None:
+    flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    for start in range(0, flat.shape[0], _CHECK_ROWS):
+        block = flat[start:start + _CHECK_ROWS]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row = start + int(np.nonzero(bad.any(axis=1))[0][0])
+            count = int(bad.any(axis=1).sum())
+            raise InputError(f"{path}: '{name}' holds NaN/Inf values (first at row {row}; "
+                             f"{count}+ rows affected)")
+
+
+def _as_str_array(values: Sequence[str]) -> np.ndarray:
+    return np.asarray([str(v) for v in values], dtype=object)
+
+
+# --------------------------------------------------------------------------------------------- features
+def read_features(path: PathLike, parts: bool = True) -> FeaturesFile:
+    """Read and validate a features file.
+
+    Args:
+        path: the ``.h5`` file.
+        parts: also load ``parts`` (N, P, Dp) when present.
+
+    Returns:
+        :class:`FeaturesFile`.
+
+    Raises:
+        InputError: missing file, not HDF5, truncated, another format or version, mismatched N, NaN/Inf features.
+    """
+    path = Path(path)
+    with _open_h5(path, "features file") as f:
+        attrs = _check_format(f, path, FEATURES_FORMAT)
+        g = _read(f, path, "global")
+        if g.ndim != 2:
+            raise InputError(f"{path}: 'global' must be 2-D (N, D), got shape {g.shape}")
+        n = g.shape[0]
+        p = _read(f, path, "parts", required=False) if parts else None
+        if p is not None and p.ndim != 3:
+            raise InputError(f"{path}: 'parts' must be 3-D (N, P, Dp), got shape {p.shape}")
+        paths = _read(f, path, "path")
+        pid = _read(f, path, "pid").astype(np.int64, copy=False)
+        camid = _read(f, path, "camid").astype(np.int64, copy=False)
+    _check_rows(path, n, parts=p, path=paths, pid=pid, camid=camid)
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    _check_finite(path, "global", g)
+    if p is not None:
+        p = np.ascontiguousarray(p, dtype=np.float32)
+        _check_finite(path, "parts", p)
+    return FeaturesFile(g, p, paths, pid, camid, attrs, path)
+
+
+def _features_attrs(attrs: Mapping[str, Any], normalized: bool) -> Dict[str, Any]:
+    out = {"format": FEATURES_FORMAT, "format_version": FORMAT_VERSION, "normalized": bool(normalized)}
+    defaults = {"dataset": "", "dataset_root": "", "dataset_fingerprint": "", "split": "",
+                "model_sha256": "", "image_size": [0, 0]}
+    out.update(defaults)
+    out.update(stage_attrs(str(attrs.get("command", ""))))
+    out.update({k: v for k, v in attrs.items() if k not in ("format", "format_version")})
+    return out
+
+
+def write_features(out: PathLike, global_feats: np.ndarray, parts: Optional[np.ndarray],
+                   paths: Sequence[str], pids: Sequence[int], camids: Sequence[int],
+                   attrs: Mapping[str, Any], inputs: Sequence[PathLike] = ()) -> Path:
+    """Write a complete features file atomically.
+
+    Args:
+        out: destination ``.h5``.
+        global_feats: float32 (N, D).
+        parts: float32 (N, P, Dp) or None.
+        paths, pids, camids: (N,) each.
+        attrs: root attributes (``normalized`` is required; the provenance attributes are added).
+        inputs: files this stage read; ``out`` may not be one of them.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        InputError: shapes disagree, features are not finite, or ``out`` is an input.
+    """
+    out = Path(out)
+    g = np.ascontiguousarray(global_feats, dtype=np.float32)
+    if g.ndim != 2:
+        raise InputError(f"{out}: global features must be (N, D), got {g.shape}")
+    n = g.shape[0]
+    p = None if parts is None else np.ascontiguousarray(parts, dtype=np.float32)
+    pid = np.asarray(pids, dtype=np.int64)
+    camid = np.asarray(camids, dtype=np.int64)
+    path_arr = _as_str_array(paths)
+    _check_rows(out, n, parts=p, path=path_arr, pid=pid, camid=camid)
+    _check_finite(out, "global", g)
+    if p is not None:
+        _check_finite(out, "parts", p)
+    meta = _features_attrs(attrs, bool(attrs.get("normalized", False)))
+    with atomic_path(out, inputs=tuple(inputs)) as tmp:
+        with h5py.File(tmp, "w") as f:
+            _create_feature_datasets(f, n, g.shape[1], None if p is None else p.shape[1:])
+            f["global"][...] = g
+            if p is not None:
+                f["parts"][...] = p
+            f["path"][...] = path_arr
+            f["pid"][...] = pid
+            f["camid"][...] = camid
+            for k, v in meta.items():
+                f.attrs[k] = _to_attr(v)
+    return out
+
+
+def _chunk_rows(n: int, row_bytes: int) -> int:
+    return int(max(1, min(n, (1 << 20) // max(row_bytes, 1))))
+
+
+def _create_feature_datasets(f: h5py.File, n: int, dim: int, parts_shape: Optional[tuple]) -> None:
+    f.create_dataset("global", shape=(n, dim), dtype=np.float32,
+                     chunks=(_chunk_rows(n, dim * 4), dim) if n else None)
+    if parts_shape is not None:
+        pp, dp = parts_shape
+        f.create_dataset("parts", shape=(n, pp, dp), dtype=np.float32,
+                         chunks=(_chunk_rows(n, pp * dp * 4), pp, dp) if n else None)
+    f.create_dataset("path", shape=(n,), dtype=_STR)
+    f.create_dataset("pid", shape=(n,), dtype=np.int64)
+    f.create_dataset("camid", shape=(n,), dtype=np.int64)
+
+
+class FeaturesWriter:
+    """Chunked, resumable writer of a features file.
+
+    Rows are written in order with :meth:`write`; progress lives in a partial file
+    ``.<name>.partial.h5`` next to the destination, so a killed extraction resumed with ``resume=True`` continues
+    after the last completed chunk. :meth:`finish` drops rows marked skipped (unreadable images), checks the
+    features are finite and renames the result over ``out``.
+
+    Args:
+        out: destination ``.h5``.
+        paths, pids, camids: (N,) metadata of every row to be written, in order.
+        dim: D of ``global``; parts_shape: (P, Dp) or None.
+        attrs: root attributes (see :func:`write_features`); ``resume_key`` in the partial file must match
+            ``attrs`` fields ``dataset_fingerprint``, ``split`` and ``model_sha256`` for a resume.
+        resume: continue a partial file when one matches; otherwise start again.
+    """
+
+    def __init__(self, out: PathLike, paths: Sequence[str], pids: Sequence[int], camids: Sequence[int],
+                 dim: int, parts_shape: Optional[tuple], attrs: Mapping[str, Any], resume: bool = False,
+                 inputs: Sequence[PathLike] = ()):
+        self.out = Path(out)
+        self.partial = self.out.with_name(f".{self.out.name}.partial.h5")
+        for src in inputs:
+            if src and Path(src).exists() and self.out.exists() and os.path.samefile(src, self.out):
+                raise InputError(f"{self.out}: refusing to overwrite the input file; choose another --out")
+        self.n = len(paths)
+        self.attrs = _features_attrs(attrs, bool(attrs.get("normalized", False)))
+        key = json.dumps([str(self.attrs.get(k, "")) for k in ("dataset_fingerprint", "split", "model_sha256")]
+                         + [self.n, int(dim), list(parts_shape) if parts_shape else None,
+                            bool(self.attrs["normalized"]), str(self.attrs.get("options", ""))])
+        self.rows_done = 0
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if resume and self.partial.exists():
+            try:
+                f = h5py.File(self.partial, "r+")
+                if _from_attr(f.attrs.get("resume_key")) == key:
+                    self.f = f
+                    self.rows_done = int(f.attrs["rows_done"])
+                    return
+                f.close()
+            except OSError:
+                pass  # unreadable partial file: start again
+        self.f = h5py.File(self.partial, "w")
+        _create_feature_datasets(self.f, self.n, int(dim), parts_shape)
+        self.f.create_dataset("skipped", shape=(self.n,), dtype=np.bool_)
+        self.f["path"][...] = _as_str_array(paths)
+        self.f["pid"][...] = np.asarray(pids, dtype=np.int64)
+        self.f["camid"][...] = np.asarray(camids, dtype=np.int64)
+        self.f.attrs["resume_key"] = key
+        self.f.attrs["rows_done"] = 0
+        self.f.flush()
+
+    def write(self, start: int, global_feats: np.ndarray, parts: Optional[np.ndarray] = None,
+              skipped: Optional[np.ndarray] = None) -> None:
+        """Write rows ``[start, start + len(global_feats))``; ``start`` must equal :attr:`rows_done`.
+
+        Args:
+            global_feats: float32 (c, D); parts: float32 (c, P, Dp) or None.
+            skipped: bool (c,) rows whose image was unreadable (their feature rows are ignored).
+        """
+        if start != self.rows_done:
+            raise ValueError(f"rows must be written in order: expected start {self.rows_done}, got {start}")
+        stop = start + len(global_feats)
+        self.f["global"][start:stop] = global_feats
+        if parts is not None:
+            self.f["parts"][start:stop] = parts
+        if skipped is not None:
+            self.f["skipped"][start:stop] = skipped
+        self.rows_done = stop
+        self.f.attrs["rows_done"] = stop
+        self.f.flush()
+
+    def finish(self) -> Path:
+        """Validate, drop skipped rows, and atomically move the result to ``out``; returns ``out``."""
+        if self.rows_done != self.n:
+            raise ValueError(f"only {self.rows_done} of {self.n} rows were written")
+        f = self.f
+        skipped = f["skipped"][...]
+        keep = ~skipped
+        g = f["global"][...][keep]
+        p = f["parts"][...][keep] if "parts" in f else None
+        paths = np.asarray(f["path"].asstr()[...], dtype=object)[keep]
+        pid = f["pid"][...][keep]
+        camid = f["camid"][...][keep]
+        f.close()
+        attrs = dict(self.attrs)
+        attrs["num_skipped"] = int(skipped.sum())
+        write_features(self.out, g, p, paths, pid, camid, attrs)
+        self.partial.unlink(missing_ok=True)
+        return self.out
+
+    def close(self) -> None:
+        """Close the partial file, keeping it for a later ``resume``."""
+        try:
+            self.f.close()
+        except Exception:  # already closed
+            pass
+
+
+# --------------------------------------------------------------------------------------------- labels
+def _labels_attrs(attrs: Mapping[str, Any], features_file: PathLike, features_sha256: str) -> Dict[str, Any]:
+    out = {"format": LABELS_FORMAT, "format_version": FORMAT_VERSION,
+           "features_file": str(Path(features_file).resolve()), "features_sha256": features_sha256}
+    out.update(stage_attrs(str(attrs.get("command", ""))))
+    out.update({k: v for k, v in attrs.items() if k not in ("format", "format_version", "features_file",
+                                                            "features_sha256")})
+    return out
+
+
+def write_labels(out: PathLike, labels: np.ndarray, *, features_file: PathLike, path: Sequence[str],
+                 pid: Sequence[int], camid: Sequence[int], attrs: Mapping[str, Any],
+                 agreement: Optional[np.ndarray] = None, knn: Optional[np.ndarray] = None,
+                 features_sha256: Optional[str] = None, inputs: Sequence[PathLike] = ()) -> Path:
+    """Write a labels file atomically (``.h5``, or ``.csv`` for people who want to look at it).
+
+    Args:
+        out: destination; a ``.csv`` suffix writes the CSV export (``knn`` is not exported to CSV).
+        labels: int64 (N,) pseudo-labels, -1 = outlier.
+        features_file: the features file the labels were computed from; its SHA-256 is recorded.
+        path, pid, camid: (N,) copied from the features file.
+        attrs: clustering parameters and provenance.
+        agreement: float32 (N, P) or None. knn: int64 (N, k) or None.
+        features_sha256: the hash if already known (saves re-reading a large file).
+        inputs: files this stage read (never overwritten).
+
+    Raises:
+        InputError: mismatched N or ``out`` is an input.
+    """
+    out = Path(out)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = labels.shape[0]
+    path_arr = _as_str_array(path)
+    pid = np.asarray(pid, dtype=np.int64)
+    camid = np.asarray(camid, dtype=np.int64)
+    agreement = None if agreement is None else np.asarray(agreement, dtype=np.float32)
+    knn = None if knn is None else np.asarray(knn, dtype=np.int64)
+    _check_rows(out, n, path=path_arr, pid=pid, camid=camid, agreement=agreement, knn=knn)
+    sha = features_sha256 or sha256_file(features_file)
+    meta = _labels_attrs(attrs, features_file, sha)
+    all_inputs = tuple(inputs) + (features_file,)
+    if out.suffix.lower() == ".csv":
+        return _write_labels_csv(out, labels, path_arr, pid, camid, agreement, meta, all_inputs)
+    with atomic_path(out, inputs=all_inputs) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("labels", data=labels)
+            if agreement is not None:
+                f.create_dataset("agreement", data=agreement)
+            if knn is not None:
+                f.create_dataset("knn", data=knn, chunks=(_chunk_rows(n, knn.shape[1] * 8), knn.shape[1])
+                                 if n else None)
+            f.create_dataset("path", data=path_arr, dtype=_STR)
+            f.create_dataset("pid", data=pid)
+            f.create_dataset("camid", data=camid)
+            for k, v in meta.items():
+                f.attrs[k] = _to_attr(v)
+    return out
+
+
+def read_labels(path: PathLike) -> LabelsFile:
+    """Read and validate a labels file (``.h5``, or the ``.csv`` export).
+
+    Raises:
+        InputError: missing file, another format or version, truncated file, mismatched N.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return _read_labels_csv(path)
+    with _open_h5(path, "labels file") as f:
+        attrs = _check_format(f, path, LABELS_FORMAT)
+        labels = _read(f, path, "labels").astype(np.int64, copy=False)
+        agreement = _read(f, path, "agreement", required=False)
+        knn = _read(f, path, "knn", required=False)
+        paths = _read(f, path, "path")
+        pid = _read(f, path, "pid").astype(np.int64, copy=False)
+        camid = _read(f, path, "camid").astype(np.int64, copy=False)
+    if labels.ndim != 1:
+        raise InputError(f"{path}: 'labels' must be 1-D (N,), got shape {labels.shape}")
+    _check_rows(path, labels.shape[0], agreement=agreement, knn=knn, path=paths, pid=pid, camid=camid)
+    if agreement is not None:
+        agreement = agreement.astype(np.float32, copy=False)
+        _check_finite(path, "agreement", agreement)
+    if knn is not None:
+        knn = knn.astype(np.int64, copy=False)
+    return LabelsFile(labels, agreement, knn, paths, pid, camid, attrs, path)
+
+
+def features_for_labels(labels: LabelsFile, features_path: Optional[PathLike] = None,
+                        parts: bool = True) -> FeaturesFile:
+    """Load the features file a labels file refers to, checking its content hash.
+
+    Args:
+        labels: a labels file read with :func:`read_labels`.
+        features_path: override the recorded ``features_file`` path (e.g. after moving files); the hash must
+            still match.
+        parts: also load the part features.
+
+    Raises:
+        InputError: the features file is missing, or its SHA-256 differs from the recorded ``features_sha256``
+            (the message names both files), or its N differs.
+    """
+    recorded = labels.attrs.get("features_file", "")
+    target = Path(features_path) if features_path else Path(recorded)
+    if not str(target):
+        raise InputError(f"{labels.filename}: the labels file records no features_file")
+    if not target.exists():
+        raise InputError(f"{labels.filename}: its features file {target} does not exist")
+    sha = sha256_file(target)
+    if sha != labels.attrs.get("features_sha256"):
+        raise InputError(f"{labels.filename} was computed from a different version of {target} "
+                         f"(content hash mismatch); re-run cluster on it")
+    feats = read_features(target, parts=parts)
+    if len(feats) != len(labels):
+        raise InputError(f"{labels.filename}: {len(labels)} labels but {target} holds {len(feats)} rows")
+    return feats
+
+
+# --------------------------------------------------------------------------------------------- CSV export
+def _write_labels_csv(out: Path, labels, paths, pid, camid, agreement, meta, inputs) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame({"path": paths, "pid": pid, "camid": camid, "label": labels})
+    if agreement is not None:
+        for j in range(agreement.shape[1]):
+            frame[f"agreement_{j}"] = agreement[:, j]
+    header = [f"# {LABELS_FORMAT} {FORMAT_VERSION}"] + [f"# {k}={json.dumps(_to_attr(v) if not isinstance(v, (int, float, str, bool)) else v)}"
+                                                         for k, v in meta.items() if k not in ("format", "format_version")]
+    with atomic_path(out, inputs=inputs) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write("\n".join(header) + "\n")
+            frame.to_csv(fh, index=False)
+    return out
+
+
+def _read_labels_csv(path: Path) -> LabelsFile:
+    import pandas as pd
+
+    if not path.exists():
+        raise InputError(f"{path}: no such labels file")
+    attrs: Dict[str, Any] = {}
+    skip = 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            skip += 1
+            body = line[1:].strip()
+            if skip == 1:
+                parts = body.split()
+                if len(parts) != 2 or parts[0] != LABELS_FORMAT:
+                    raise InputError(f"{path}: not a {LABELS_FORMAT} CSV export (first line {line.strip()!r})")
+                attrs["format"], attrs["format_version"] = parts[0], int(parts[1])
+            elif "=" in body:
+                key, value = body.split("=", 1)
+                try:
+                    attrs[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    attrs[key] = value
+    if "format" not in attrs:
+        # a plain CSV: path,label (pid, camid optional) made by hand
+        attrs.update({"format": LABELS_FORMAT, "format_version": FORMAT_VERSION})
+    try:
+        frame = pd.read_csv(path, skiprows=skip)
+    except Exception as exc:  # pandas raises many types on malformed CSV
+        raise InputError(f"{path}: unreadable CSV ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in ("path", "label") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: CSV is missing column(s) {', '.join(missing)}")
+    n = len(frame)
+    agree_cols = sorted([c for c in frame.columns if c.startswith("agreement_")], key=lambda c: int(c.split("_")[1]))
+    agreement = frame[agree_cols].to_numpy(np.float32) if agree_cols else None
+    pid = frame["pid"].to_numpy(np.int64) if "pid" in frame else np.full(n, -1, np.int64)
+    camid = frame["camid"].to_numpy(np.int64) if "camid" in frame else np.full(n, -1, np.int64)
+    return LabelsFile(frame["label"].to_numpy(np.int64), agreement, None,
+                      np.asarray(frame["path"].astype(str), dtype=object), pid, camid, attrs, path)

@@ -1,0 +1,1 @@
+"""pplr_finetune package."""
