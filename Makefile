@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch===2.13.0 torchvision==0.28.0
 .PHONY: install test demo bench clean help
 
 help:
-	@echo "targets: install test demo bench clean"
+	@echo "targets: install test demo bench clean $(REPRODUCE)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,17 @@ test: install
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
+DEMO_OUT ?= demo_out
+DATA ?=
 demo: install
-	@echo "make demo will run: pass-pretrain (vit_tiny) -> extract-features | cluster | refine-labels -> finetune -> cluster"
+	@bash tools/demo.sh $(DEMO_OUT) "$(DATA)"
+
+# Paper reproductions: make reproduce-pplr-market REID_DATA=/data GPUS=4
+REPRODUCE := reproduce-pass-small reproduce-pass-base reproduce-pplr-market reproduce-pplr-msmt \
+             reproduce-pplr-resnet-market reproduce-pass-usl-market
+.PHONY: $(REPRODUCE)
+$(REPRODUCE): install
+	@BIN=$(BIN) GPUS=$(or $(GPUS),1) bash tools/reproduce.sh $@
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info .pytest_cache

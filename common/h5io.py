@@ -257,7 +257,8 @@ def _features_attrs(attrs: Mapping[str, Any], normalized: bool) -> Dict[str, Any
                 "model_sha256": "", "image_size": [0, 0]}
     out.update(defaults)
     out.update(stage_attrs(str(attrs.get("command", ""))))
-    out.update({k: v for k, v in attrs.items() if k not in ("format", "format_version")})
+    out.update({k: v for k, v in attrs.items() if k not in ("format", "format_version")
+                and not (k == "command" and not v)})
     return out
 
 
@@ -429,7 +430,7 @@ def _labels_attrs(attrs: Mapping[str, Any], features_file: PathLike, features_sh
            "features_file": str(Path(features_file).resolve()), "features_sha256": features_sha256}
     out.update(stage_attrs(str(attrs.get("command", ""))))
     out.update({k: v for k, v in attrs.items() if k not in ("format", "format_version", "features_file",
-                                                            "features_sha256")})
+                                                            "features_sha256") and not (k == "command" and not v)})
     return out
 
 

@@ -83,21 +83,11 @@ def describe_labels(path) -> str:
 
 
 def describe_dataset(spec: str) -> str:
-    """Summary table of a dataset spec (ids, images, cameras per split) plus root, version and fingerprint."""
+    """Summary table of a dataset spec (ids, images, cameras per split), with its full fingerprint."""
     from common.datasets import load_dataset
 
     ds = load_dataset(spec, verbose=False)
-    lines = [f"dataset: {spec}", f"  kind: {ds.kind}", f"  root: {ds.root}"]
-    if ds.version:
-        lines.append(f"  version: {ds.version}")
-    lines.append(f"  fingerprint: {ds.fingerprint}")
-    frame = ds.frame
-    lines.append(f"  {'split':<8} {'ids':>8} {'images':>9} {'cameras':>8}")
-    for split, rows in frame.groupby("split", sort=False):
-        ids = rows.loc[rows.pid >= 0, "pid"].nunique()
-        cams = rows.loc[rows.camid >= 0, "camid"].nunique()
-        lines.append(f"  {split:<8} {ids:>8} {len(rows):>9} {cams:>8}")
-    return "\n".join(lines)
+    return f"{ds.summary()}\n  spec: {spec}\n  fingerprint: {ds.fingerprint}"
 
 
 def describe(target: str) -> str:

@@ -1,0 +1,284 @@
+"""Feature extraction: images → global and part features → a features file (the HDF5 contract).
+
+The same functions serve ``extract-features``, ``evaluate --checkpoint`` and every epoch of ``finetune``.
+
+Feature definitions (reference-spec §A.9, §B.1, §C.1):
+
+- ViT backbone (PASS): ``fusion='cls'`` gives the [CLS] output; ``'cat'`` gives [f_cls ; mean(f_part)]
+  (2D); ``'mean'`` gives (f_cls + mean(f_part))/2 (D). Parts are the three [PART] outputs.
+- ResNet-50 stripes (PPLR): the global feature is the GAP of layer 4 (fusion ``'cls'``); parts are the three
+  horizontal stripes.
+- Fine-tuned model (BNNecks): its own fusion; ``neck='after'`` (PPLR's retrieval feature) or ``'before'``.
+- ``flip=True`` averages the features of the image and its horizontal mirror before normalisation.
+- ``normalize=True`` L2-normalises the global feature and each part row; recorded in the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from common.errors import InputError
+from common.h5io import FeaturesWriter
+from common.models.loader import LoadedModel
+
+log = logging.getLogger("partreid.extract")
+FUSIONS = ("cls", "cat", "mean")
+
+
+def eval_transform(image_size: Tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                   interpolation: str = "bicubic"):
+    """The papers' test transform: resize to (H, W) pixels, to tensor, normalise with the checkpoint's mean/std.
+
+    Returns:
+        a torchvision transform mapping a PIL image to a float32 tensor (3, H, W).
+    """
+    from torchvision import transforms as T
+
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
+    return T.Compose([T.Resize(tuple(image_size), interpolation=interp), T.ToTensor(),
+                      T.Normalize(mean=list(mean), std=list(std))])
+
+
+def fuse(g: torch.Tensor, parts: torch.Tensor, fusion: str) -> torch.Tensor:
+    """Global feature from the [CLS]/GAP output ``g`` (B, D) and part outputs ``parts`` (B, P, D).
+
+    ``'cls'`` → g (B, D); ``'cat'`` → [g ; mean_p parts] (B, 2D); ``'mean'`` → (g + mean_p parts)/2 (B, D)
+    (reference-spec §A.9 "Feature fusion").
+    """
+    if fusion == "cls":
+        return g
+    fp = parts.mean(dim=1)
+    if fusion == "cat":
+        return torch.cat([g, fp], dim=1)
+    if fusion == "mean":
+        return (g + fp) / 2
+    raise InputError(f"unknown fusion {fusion!r} (expected one of {', '.join(FUSIONS)})")
+
+
+@dataclass
+class FeatureOptions:
+    """How features are formed. ``fusion`` is ignored for fine-tuned models (they carry their own)."""
+
+    fusion: str = "cls"
+    neck: str = "after"
+    flip: bool = False
+    normalize: bool = True
+    parts: bool = True
+
+
+@torch.no_grad()
+def compute_batch(loaded: LoadedModel, images: torch.Tensor, opts: FeatureOptions
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Features of one batch.
+
+    Args:
+        loaded: the model.
+        images: float (B, 3, H, W), already normalised, on the model's device.
+        opts: fusion, neck, flip, normalisation.
+
+    Returns:
+        (global (B, Dg) float32, parts (B, P, Dp) float32 or None), on the CPU.
+    """
+
+    def once(x):
+        if loaded.kind == "reid":
+            g, p = loaded.model.extract(x, neck=opts.neck)
+        else:
+            g, p = loaded.model(x)
+            g = fuse(g, p, opts.fusion)
+        return g.float(), p.float()
+
+    g, p = once(images)
+    if opts.flip:
+        g2, p2 = once(torch.flip(images, dims=[3]))
+        g, p = (g + g2) / 2, (p + p2) / 2
+    if opts.normalize:
+        g = F.normalize(g, dim=1)
+        p = F.normalize(p, dim=2)
+    return g.cpu(), (p.cpu() if opts.parts else None)
+
+
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _dist_info() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opts: Optional[FeatureOptions] = None,
+                    batch_size: int = 64, workers: int = 2, device: str = "cpu", resume: bool = False,
+                    strict: bool = False, interpolation: str = "bicubic", command: str = "",
+                    inputs: Sequence = (), progress: bool = True) -> Path:
+    """Extract the features of ``frame``'s images and write a features file.
+
+    Rows are written in chunks (one per global batch) to a partial file; with ``resume=True`` a killed run
+    continues after the last completed chunk. Under ``torchrun`` each rank computes its share of every global
+    batch and rank 0 writes the one file (other ranks return ``out`` without writing).
+
+    Args:
+        loaded: the model (see :func:`common.models.loader.load_model`).
+        ds: the dataset (``common.datasets.ReIDDataset``), used to open images and for provenance.
+        frame: the rows to extract (columns path, pid, camid), in output order.
+        out: destination ``.h5``.
+        split: split name recorded in the file.
+        opts: feature options.
+        batch_size: images per forward pass (per rank).
+        workers: DataLoader worker processes.
+        device: ``cpu`` or ``cuda[:i]``; on CUDA the forward runs under autocast (bf16 where supported).
+        resume, strict: see above; ``strict`` fails on an unreadable image instead of skipping it.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        InputError: empty selection, or an unreadable image with ``strict=True``.
+    """
+    from common.images import ImageDataset, collate_skip_none
+
+    opts = opts or FeatureOptions()
+    if len(frame) == 0:
+        raise InputError(f"{getattr(ds, 'spec', ds)}: no images in split {split or 'all'!r}")
+    model = loaded.model.to(device).eval()
+    rank, world = _dist_info()
+    transform = eval_transform(loaded.image_size, loaded.pixel_mean, loaded.pixel_std, interpolation)
+    images = ImageDataset(ds, frame, transform, strict=strict)
+
+    # probe shapes on one synthetic batch (cheap) to size the file's datasets
+    probe = torch.zeros(1, 3, *loaded.image_size, device=device)
+    with _autocast(device):
+        g0, p0 = compute_batch(loaded, probe, opts)
+    attrs = {
+        "normalized": bool(opts.normalize), "dataset": getattr(ds, "spec", ""), "dataset_root": str(ds.root),
+        "dataset_fingerprint": getattr(ds, "fingerprint", ""), "split": split, "model_sha256": loaded.sha256,
+        "model_source": loaded.source, "arch": loaded.arch, "image_size": list(loaded.image_size),
+        "pixel_mean": list(loaded.pixel_mean), "pixel_std": list(loaded.pixel_std),
+        "fusion": loaded.meta.get("fusion", opts.fusion) if loaded.kind == "reid" else opts.fusion,
+        "neck": opts.neck if loaded.has_bnneck else "none", "flip": bool(opts.flip),
+        "options": f"{opts}|{interpolation}", "command": command,
+    }
+    writer = None
+    start = 0
+    if rank == 0:
+        writer = FeaturesWriter(out, list(frame["path"]), frame["pid"].to_numpy(), frame["camid"].to_numpy(),
+                                g0.shape[1], None if p0 is None else tuple(p0.shape[1:]), attrs, resume=resume,
+                                inputs=inputs)
+        start = writer.rows_done
+        if start:
+            log.info("resuming %s at row %d of %d", out, start, len(frame))
+    if world > 1:
+        box = [start]
+        torch.distributed.broadcast_object_list(box, src=0)
+        start = box[0]
+
+    global_batch = batch_size * world
+    n = len(frame)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, initial=start, unit="img", desc=f"extract {split or ''}".strip(),
+                   disable=not progress or rank != 0, leave=False)
+        for chunk_start in range(start, n, global_batch * 16):
+            chunk_stop = min(n, chunk_start + global_batch * 16)
+            # this rank's rows of each global batch, in order
+            mine = [i for b in range(chunk_start, chunk_stop, global_batch)
+                    for i in range(b + rank * batch_size, min(b + (rank + 1) * batch_size, chunk_stop))]
+            loader = DataLoader(Subset(images, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
+                                collate_fn=collate_skip_none, pin_memory=device.startswith("cuda"))
+            rows_g, rows_p, got = [], [], []
+            for batch_images, idx in loader:
+                if len(idx):
+                    with _autocast(device):
+                        g, p = compute_batch(loaded, batch_images.to(device, non_blocking=True), opts)
+                    rows_g.append(g.numpy())
+                    rows_p.append(None if p is None else p.numpy())
+                    got.append(idx.numpy())
+                if rank == 0:
+                    bar.update(len(idx) * world)
+            result = _assemble(chunk_start, chunk_stop, rows_g, rows_p, got, g0.shape[1],
+                               None if p0 is None else tuple(p0.shape[1:]), world)
+            if rank == 0:
+                writer.write(chunk_start, *result)
+        bar.close()
+        if rank == 0:
+            skipped = int(writer.f["skipped"][...].sum())
+            if skipped:
+                log.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped)
+            return writer.finish()
+        return Path(out)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+
+
+def _assemble(start, stop, rows_g, rows_p, got, dim, parts_shape, world):
+    """Gather this chunk's rows from every rank and put them in order; unreadable rows are marked skipped."""
+    g = np.concatenate(rows_g) if rows_g else np.zeros((0, dim), np.float32)
+    p = (np.concatenate(rows_p) if rows_p and rows_p[0] is not None else None)
+    idx = np.concatenate(got) if got else np.zeros(0, np.int64)
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (g, p, idx))
+        g = np.concatenate([x[0] for x in gathered])
+        p = None if gathered[0][1] is None else np.concatenate([x[1] for x in gathered])
+        idx = np.concatenate([x[2] for x in gathered])
+    count = stop - start
+    out_g = np.zeros((count, dim), np.float32)
+    out_p = None if parts_shape is None else np.zeros((count,) + parts_shape, np.float32)
+    skipped = np.ones(count, bool)
+    local = idx - start
+    out_g[local] = g
+    if out_p is not None and p is not None:
+        out_p[local] = p
+    skipped[local] = False
+    return out_g, out_p, skipped
+
+
+def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOptions] = None, batch_size: int = 64,
+                   workers: int = 2, device: str = "cpu", interpolation: str = "bicubic", progress: bool = True
+                   ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """In-memory variant of :func:`extract_to_file` (single process).
+
+    Returns:
+        (global (N', Dg) float32, parts (N', P, Dp) float32 or None, kept (N',) int64 row indices into ``frame``;
+        unreadable images are left out).
+    """
+    from common.images import ImageDataset, collate_skip_none
+
+    opts = opts or FeatureOptions()
+    model = loaded.model.to(device).eval()
+    transform = eval_transform(loaded.image_size, loaded.pixel_mean, loaded.pixel_std, interpolation)
+    loader = DataLoader(ImageDataset(ds, frame, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate_skip_none)
+    from tqdm import tqdm
+
+    gs, ps, ids = [], [], []
+    for images, idx in tqdm(loader, total=math.ceil(len(frame) / batch_size), unit="batch", leave=False,
+                            disable=not progress, desc="extract"):
+        if len(idx) == 0:
+            continue
+        with _autocast(device):
+            g, p = compute_batch(loaded, images.to(device), opts)
+        gs.append(g.numpy())
+        ps.append(None if p is None else p.numpy())
+        ids.append(idx.numpy())
+    model.train(False)
+    if not gs:
+        raise InputError("no readable images to extract")
+    parts = np.concatenate(ps) if ps[0] is not None else None
+    return np.concatenate(gs), parts, np.concatenate(ids)

@@ -1,0 +1,587 @@
+"""PPLR unsupervised fine-tuning: the epoch loop (reference-spec §C.2; PASS's own USL setting §B.2 as a preset).
+
+Each epoch:
+
+1. **extract** global and part features of the training set (:func:`common.extract.extract_to_file`, the
+   function behind ``extract-features``);
+2. **cluster** them: k-reciprocal Jaccard + DBSCAN (:func:`pplr_finetune.pseudo_labels.cluster_features_file`,
+   behind ``cluster``); outliers are left out of the epoch;
+3. score the **cross-agreement** of every part (:func:`pplr_finetune.cross_agreement.refine_labels_file`,
+   behind ``refine-labels``);
+4. **train** ``iters`` iterations on P×K batches: PGLR on the global head, soft-margin batch-hard triplet,
+   and per part label-smoothed CE (before ``aals_epoch``) or AALS (from it), averaged over the parts;
+5. step the LR schedule, evaluate every ``eval_every`` epochs (and at the last epoch), checkpoint.
+
+The per-epoch files go to a work folder (kept with ``keep_intermediate``), so the loop and the shell pipeline
+``extract-features | cluster | refine-labels`` run exactly the same code.
+
+Reported results are those of the **last** epoch. The best test-set epoch is logged, labelled as test-set
+selection (the peers silently keep it; we do not).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from common import distributed as dist
+from common.errors import InputError
+from common.fileio import atomic_path
+
+log = logging.getLogger("partreid.finetune")
+
+#: hyper-parameter presets (reference-spec §C.2-C.5, §C.7 and §B.2)
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # PPLR (CVPR'22): Adam 3.5e-4, wd 5e-4, StepLR 20/0.1, 50 epochs x 400 iterations, batch 64 = 16 x 4.
+    "pplr": {},
+    # PPLR-CAM: + inter-camera proxy loss; eps 0.4 (Market; use --eps 0.6 and --lambda-cam 1.0 on MSMT17).
+    "pplr-cam": {"camera_aware": True, "eps": 0.4, "lambda_cam": 0.5},
+    # PPLR with SGD (momentum 0.9) instead of Adam.
+    "pplr-sgd": {"optimizer": "sgd"},
+    # PASS's own USL setting (PASS_cluster_contrast_reid, Market): cluster-contrast hard memory loss, SGD 3.5e-4,
+    # wd 5e-4, 50 epochs x 200 iterations, batch 256 = 32 x 8, eps 0.6, cat fusion, single neck, mean/std 0.5.
+    "pass-usl": {"loss": "cluster-contrast", "optimizer": "sgd", "iters": 200, "batch_size": 256,
+                 "num_instances": 8, "eps": 0.6, "fusion": "cat", "normalization": "half", "drop_path": 0.3},
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; the defaults are PPLR's (reference-spec §C, §H)."""
+
+    checkpoint: str = ""
+    data: str = ""
+    arch: Optional[str] = None
+    fusion: str = "cat"
+    image_size: Optional[Tuple[int, int]] = None
+    normalization: str = "checkpoint"  # checkpoint | imagenet | half (mean/std 0.5, PASS's "--self-norm")
+    epochs: int = 50
+    iters: int = 400
+    batch_size: int = 64
+    num_instances: int = 4
+    optimizer: str = "adam"
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    step_size: int = 20
+    gamma: float = 0.1
+    loss: str = "pplr"  # pplr | cluster-contrast
+    k1: int = 30
+    k2: int = 6
+    eps: float = 0.5
+    min_samples: int = 4
+    convention: str = "reference"
+    knn: str = "exact"
+    k: int = 20
+    beta: float = 0.5
+    aals_epoch: int = 5
+    label_smooth: float = 0.1
+    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (§C.4); "bnneck-input" = pre-BN (TransReID)
+    camera_aware: bool = False
+    lambda_cam: float = 0.5
+    cam_temperature: float = 0.07
+    cam_negatives: int = 50
+    memory_temperature: float = 0.05
+    memory_momentum: float = 0.2
+    drop_path: float = 0.0
+    bn_groups: int = 1
+    classifier_capacity: int = 0  # 0 = grow on demand (single process); set e.g. 3000 under DDP
+    eval_every: int = 5
+    eval_data: Optional[str] = None
+    workers: int = 2
+    seed: int = 1
+    device: str = "cpu"
+    amp: bool = True
+    labels: Optional[str] = None  # train the first epoch on these refined labels instead of clustering
+    keep_intermediate: Optional[str] = None
+    resume: bool = False
+    resnet_weights: Optional[str] = None
+    log_every: int = 20
+    progress: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_preset(cls, preset: str = "pplr", **overrides) -> "FinetuneConfig":
+        """A config with the preset's values, then ``overrides`` (None values are ignored).
+
+        Raises:
+            InputError: unknown preset or option.
+        """
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        values = dict(PRESETS[preset])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise InputError(f"unknown fine-tuning option(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def train_transform(image_size, mean, std):
+    """PPLR/TransReID train augmentation (§C.5): resize (bicubic), flip 0.5, zero-pad 10 + random crop, to tensor,
+    normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3, fill = ImageNet mean written into the
+    normalised tensor, as the reference does). torchvision draws the erasing aspect log-uniformly; the reference
+    draws it uniformly in (0.3, 1/0.3)."""
+    from torchvision import transforms as T
+
+    size = tuple(image_size)
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(0.5),
+        T.Pad(10),
+        T.RandomCrop(size),
+        T.ToTensor(),
+        T.Normalize(list(mean), list(std)),
+        T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=[0.485, 0.456, 0.406]),
+    ])
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
+    if cfg.normalization == "half":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if cfg.normalization == "imagenet":
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(loaded.pixel_mean), tuple(loaded.pixel_std)
+
+
+def build_model(cfg: FinetuneConfig):
+    """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone)."""
+    from common.models.loader import load_model
+    from common.models.reid import ReIDModel
+
+    if cfg.arch == "resnet50" and (not cfg.checkpoint or cfg.checkpoint == "random:resnet50"):
+        loaded = load_model("random:resnet50", resnet_weights=cfg.resnet_weights, image_size=cfg.image_size)
+    else:
+        loaded = load_model(cfg.checkpoint, arch=cfg.arch if cfg.arch != "resnet50" else None,
+                            image_size=cfg.image_size)
+    if loaded.kind == "reid":  # continue from a fine-tuned model
+        model = loaded.model
+        model.set_bn_groups(cfg.bn_groups)
+    else:
+        fusion = "cls" if loaded.kind == "resnet" else cfg.fusion
+        if cfg.drop_path and hasattr(loaded.model, "set_drop_path"):
+            loaded.model.set_drop_path(cfg.drop_path)
+        model = ReIDModel(loaded.model, fusion=fusion, num_classes=cfg.classifier_capacity, bn_groups=cfg.bn_groups)
+    return model, loaded
+
+
+class _Run:
+    """State of one fine-tuning run (kept in one object so the epoch steps read top to bottom)."""
+
+    def __init__(self, cfg: FinetuneConfig, out_dir: Path):
+        from common.datasets import load_dataset
+
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = cfg.device
+        labels_file = None
+        if cfg.labels:
+            from common.h5io import read_labels
+
+            labels_file = read_labels(cfg.labels)
+        spec = cfg.data
+        if not spec and labels_file is not None:
+            from common.h5io import features_for_labels
+
+            spec = str(features_for_labels(labels_file, parts=False).attrs.get("dataset", ""))
+        if not spec:
+            raise InputError("--data SPEC is required (or --labels from a features file that records its dataset)")
+        self.ds = load_dataset(spec, verbose=self.rank == 0)
+        self.spec = spec
+        self.labels_file = labels_file
+        from common.pipeline import choose_split
+
+        _, self.train_frame = choose_split(self.ds, "train" if "train" in set(self.ds.frame["split"]) else None)
+        eval_ds = load_dataset(cfg.eval_data, verbose=False) if cfg.eval_data else self.ds
+        splits = set(eval_ds.frame["split"])
+        self.eval_ds = eval_ds if {"query", "gallery"} <= splits and (eval_ds.frame["pid"] >= 0).any() else None
+
+        self.model, self.loaded = build_model(cfg)
+        self.model.to(self.device)
+        self.mean, self.std = _normalization(cfg, self.loaded)
+        self.image_size = tuple(cfg.image_size or self.loaded.image_size)
+        self.meta = {"arch": self.loaded.arch if self.loaded.kind != "reid" else self.loaded.arch,
+                     "image_size": list(self.image_size), "pixel_mean": list(self.mean), "pixel_std": list(self.std),
+                     "fusion": self.model.fusion, "preset_loss": cfg.loss, "dataset": spec,
+                     "dataset_fingerprint": self.ds.fingerprint, "init_checkpoint": cfg.checkpoint}
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() == torch.float16)
+        self.start_epoch = 0
+        self.history: List[Dict[str, Any]] = []
+        self.current_labels: Optional[Dict[str, np.ndarray]] = None
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[torch.cuda.current_device()] if self.device.startswith("cuda") else None,
+                find_unused_parameters=True)
+
+    # -- set-up
+    def _make_optimizer(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.cfg
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        raise InputError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+
+    def _amp_dtype(self):
+        if not (self.cfg.amp and self.device.startswith("cuda")):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    # -- checkpoints
+    @property
+    def state_path(self) -> Path:
+        return self.out / "checkpoint.pth"
+
+    def save(self, epoch: int) -> None:
+        """Atomically write the training state after ``epoch`` (resume point) and ``last.pth`` (the model)."""
+        from common.models.reid import save_reid_checkpoint
+
+        if self.rank != 0:
+            return
+        state = {"format": "partreid.finetune_state", "epoch": epoch + 1, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": _rng_state(), "labels": self.current_labels,
+                 "history": self.history, "config": dataclasses.asdict(self.cfg),
+                 "active_classes": int(self.model.active_classes),
+                 "capacity": self.model.classifier_capacity}
+        with atomic_path(self.state_path) as tmp:
+            torch.save(state, tmp)
+        save_reid_checkpoint(self.out / "last.pth", self.model, dict(self.meta, epoch=epoch + 1))
+
+    def load(self) -> bool:
+        """Restore a previous run's state from ``checkpoint.pth``; False when there is none."""
+        if not self.state_path.exists():
+            return False
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if state.get("format") != "partreid.finetune_state":
+            raise InputError(f"{self.state_path}: not a finetune checkpoint")
+        if state["capacity"] > self.model.classifier_capacity:
+            self.model.resize_classifiers(state["capacity"], self.optimizer)
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.current_labels = state["labels"]
+        _set_rng_state(state["rng"])
+        log.info("resumed %s after epoch %d", self.state_path, self.start_epoch)
+        return True
+
+    # -- steps 1-3: pseudo-labels through the stage functions
+    def pseudo_labels(self, epoch: int) -> Dict[str, np.ndarray]:
+        """Extract → cluster → refine for this epoch; returns labels, agreement, camid, path and the features."""
+        from common.extract import FeatureOptions, extract_to_file
+        from common.h5io import features_for_labels, read_labels
+        from common.models.loader import LoadedModel
+        from pplr_finetune.cross_agreement import refine_labels_file
+        from pplr_finetune.pseudo_labels import cluster_features_file
+
+        cfg = self.cfg
+        work = Path(cfg.keep_intermediate) if cfg.keep_intermediate else self.out / "work"
+        epoch_dir = work / f"epoch_{epoch:03d}"
+        if epoch == self.start_epoch and self.labels_file is not None:
+            refined = self.labels_file
+        else:
+            wrapped = LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std,
+                                  "finetune (current epoch)", "finetune", dict(self.meta))
+            feats_path = extract_to_file(wrapped, self.ds, self.train_frame, epoch_dir / "features.h5",
+                                         split="train", opts=FeatureOptions(neck="after", normalize=True),
+                                         batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
+                                         device=self.device, progress=cfg.progress,
+                                         command=f"finetune epoch {epoch}: extract")
+            self.model.train()
+            refined = None
+            if self.rank == 0:
+                labels_path, report = cluster_features_file(
+                    feats_path, epoch_dir / "labels.h5", k1=cfg.k1, k2=cfg.k2, eps=cfg.eps,
+                    min_samples=cfg.min_samples, convention=cfg.convention, knn=cfg.knn, device=self.device,
+                    command=f"finetune epoch {epoch}: cluster")
+                log.info("epoch %d clustering:\n%s", epoch, report)
+                refined_path, report = refine_labels_file(labels_path, epoch_dir / "refined.h5", k=cfg.k,
+                                                          device=self.device,
+                                                          command=f"finetune epoch {epoch}: refine-labels")
+                log.info("epoch %d cross-agreement:\n%s", epoch, report)
+                refined = read_labels(refined_path)
+        result = None
+        if self.rank == 0:
+            feats = features_for_labels(refined)
+            result = {"labels": refined.labels, "agreement": refined.agreement, "camid": refined.camid,
+                      "path": refined.path, "global": feats.global_feats, "parts": feats.parts}
+            if result["agreement"] is None:
+                raise InputError(f"{refined.filename}: no cross-agreement scores; run refine-labels on it first")
+        result = dist.broadcast_object(result)
+        if not cfg.keep_intermediate and epoch_dir.exists() and self.rank == 0:
+            shutil.rmtree(epoch_dir, ignore_errors=True)
+        return result
+
+    # -- step 4: one epoch of training
+    def train_epoch(self, epoch: int, pl: Dict[str, np.ndarray]) -> Dict[str, float]:
+        from common.images import ImageDataset, collate_skip_none
+        from common.models.reid import cluster_centroids
+        from pplr_finetune import losses as L
+        from pplr_finetune.sampler import PKSampler
+
+        cfg = self.cfg
+        labels = np.asarray(pl["labels"], dtype=np.int64)
+        keep = labels >= 0
+        num_clusters = int(labels[keep].max()) + 1 if keep.any() else 0
+        if num_clusters < 2:
+            raise InputError(f"epoch {epoch}: DBSCAN found {num_clusters} cluster(s) at eps={cfg.eps}; "
+                             f"try another --eps (cluster --sweep-eps helps choose)")
+        g_cent = cluster_centroids(pl["global"], labels)
+        p_cent = torch.stack([cluster_centroids(pl["parts"][:, n], labels) for n in range(pl["parts"].shape[1])])
+        self.model.reset_classifiers(g_cent, p_cent, self.optimizer)
+        memory = None
+        if cfg.loss == "cluster-contrast":
+            from pplr_finetune.cluster_memory import HardClusterMemory
+
+            memory = HardClusterMemory(g_cent, cfg.memory_temperature, cfg.memory_momentum).to(self.device)
+        proxies = None
+        if cfg.camera_aware:
+            proxies = [L.build_camera_proxies(torch.as_tensor(pl["global"]), torch.as_tensor(labels),
+                                              torch.as_tensor(pl["camid"]))]
+            proxies += [L.build_camera_proxies(torch.as_tensor(pl["parts"][:, n]), torch.as_tensor(labels),
+                                               torch.as_tensor(pl["camid"])) for n in range(pl["parts"].shape[1])]
+            proxies = [tuple(t.to(self.device) for t in p) for p in proxies]
+
+        import pandas as pd
+
+        frame = pd.DataFrame({"path": pl["path"], "pid": -1, "camid": pl["camid"]})
+        images = ImageDataset(self.ds, frame, train_transform(self.image_size, self.mean, self.std))
+        sampler = PKSampler(labels, pl["camid"], num_instances=cfg.num_instances, batch_size=cfg.batch_size,
+                            num_iters=cfg.iters, seed=cfg.seed, rank=self.rank, world_size=self.world)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(images, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_skip_none,
+                            pin_memory=self.device.startswith("cuda"), persistent_workers=False)
+        labels_t = torch.as_tensor(labels)
+        agree_t = torch.as_tensor(np.asarray(pl["agreement"], dtype=np.float32))
+        cam_t = torch.as_tensor(np.asarray(pl["camid"], dtype=np.int64))
+        sums: Dict[str, float] = {}
+        seen = 0
+        t0 = time.time()
+        self.ddp_model.train()
+        amp_dtype = self._amp_dtype()
+        from tqdm import tqdm
+
+        bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", unit="it", leave=False,
+                   disable=not cfg.progress or self.rank != 0)
+        for it, (x, idx) in enumerate(bar):
+            if len(idx) == 0:
+                continue
+            x = x.to(self.device, non_blocking=True)
+            y = labels_t[idx].to(self.device)
+            ca = agree_t[idx].to(self.device)
+            cams = cam_t[idx].to(self.device)
+            with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else torch.autocast("cpu", enabled=False):
+                out = self.ddp_model(x)
+            out = {k: v.float() for k, v in out.items()}
+            terms = self.losses(epoch, out, y, ca, cams, memory, proxies, L)
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            terms["loss"] = loss.detach()
+            terms["prec"] = torch.tensor(L.batch_precision(out["logits_global"].detach(), y))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            seen += 1
+            if cfg.progress and self.rank == 0 and (it % max(cfg.log_every, 1) == 0 or it == len(sampler) - 1):
+                rate = seen * len(idx) * self.world / max(time.time() - t0, 1e-9)
+                bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"img/s": f"{rate:.1f}"})
+        bar.close()
+        means = {k: v / max(seen, 1) for k, v in sums.items()}
+        means.update({"clusters": num_clusters, "outliers": int((~keep).sum()),
+                      "agreement_mean": float(np.asarray(pl["agreement"])[keep].mean()),
+                      "lr": float(self.optimizer.param_groups[0]["lr"]),
+                      "images_per_s": seen * cfg.batch_size / max(time.time() - t0, 1e-9)})
+        return means
+
+    def losses(self, epoch, out, y, ca, cams, memory, proxies, L) -> Dict[str, torch.Tensor]:
+        """The loss terms of one batch (PPLR §C.4, PPLR-CAM §C.7, or cluster-contrast §B.2)."""
+        cfg = self.cfg
+        tri_feat = out["global_bn"] if cfg.triplet_feature == "bnneck-output" else out["global_feat"]
+        if cfg.loss == "cluster-contrast":
+            return {"memory": memory(out["global_bn"], y)}
+        terms = {"pglr": L.pglr_loss(out["logits_global"], out["logits_parts"], y, ca, beta=cfg.beta),
+                 "triplet": L.soft_triplet_loss(tri_feat, y)}
+        parts = out["logits_parts"]
+        if epoch >= cfg.aals_epoch:
+            part_terms = [L.aals_loss(parts[:, n], y, ca[:, n]) for n in range(parts.shape[1])]
+        else:
+            part_terms = [L.ce_label_smooth(parts[:, n], y, epsilon=cfg.label_smooth) for n in range(parts.shape[1])]
+        terms["part"] = torch.stack(part_terms).mean()
+        if cfg.camera_aware:
+            g = L.inter_camera_proxy_loss(out["global_bn"], y, cams, *proxies[0], temperature=cfg.cam_temperature,
+                                          num_negatives=cfg.cam_negatives)
+            p = torch.stack([L.inter_camera_proxy_loss(out["parts_bn"][:, n], y, cams, *proxies[n + 1],
+                                                       temperature=cfg.cam_temperature,
+                                                       num_negatives=cfg.cam_negatives)
+                             for n in range(parts.shape[1])]).mean()
+            terms["camera"] = cfg.lambda_cam * (g + p)
+        return terms
+
+    # -- step 5: evaluation
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        """mAP/CMC on the labelled query/gallery with the current model (rank 0), or None without one."""
+        if self.eval_ds is None or self.rank != 0:
+            return None
+        from common.extract import FeatureOptions, extract_arrays
+        from common.models.loader import LoadedModel
+        from common.pipeline import evaluate_arrays
+
+        wrapped = LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std,
+                              "finetune", "finetune", dict(self.meta))
+        feats = {}
+        for split in ("query", "gallery"):
+            frame = self.eval_ds.split(split).reset_index(drop=True)
+            g, _, kept = extract_arrays(wrapped, self.eval_ds, frame, opts=FeatureOptions(neck="after", parts=False),
+                                        batch_size=max(self.cfg.batch_size, 64), workers=self.cfg.workers,
+                                        device=self.device, progress=self.cfg.progress)
+            feats[split] = (g, frame["pid"].to_numpy()[kept], frame["camid"].to_numpy()[kept])
+        self.model.train()
+        (qf, qp, qc), (gf, gp, gc) = feats["query"], feats["gallery"]
+        return evaluate_arrays(qf, gf, qp, qc, gp, gc)
+
+
+def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def plot_history(csv_path, out_png) -> Path:
+    """Per-epoch curves of a run's ``metrics.csv``: losses, clusters/outliers, agreement and mAP (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for col in [c for c in ("loss", "pglr", "triplet", "part", "camera", "memory") if c in df]:
+        axes[0].plot(df["epoch"], df[col], marker="o", label=col)
+    axes[0].set_title("training losses (epoch mean)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(df["epoch"], df["clusters"], marker="o", label="clusters")
+    axes[1].plot(df["epoch"], df["outliers"], marker="o", label="outliers")
+    axes[1].set_title("pseudo-labels")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(df["epoch"], df["agreement_mean"], marker="o", label="mean cross-agreement")
+    if "mAP" in df and df["mAP"].notna().any():
+        sub = df[df["mAP"].notna()]
+        axes[2].plot(sub["epoch"], sub["mAP"], marker="s", label="mAP (test)")
+        axes[2].plot(sub["epoch"], sub["rank1"], marker="^", label="rank-1 (test)")
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("agreement / retrieval")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def finetune(cfg: FinetuneConfig, out_dir, plot: bool = False) -> Path:
+    """Run PPLR fine-tuning (see the module docstring); returns the path of the final model (``last.pth``).
+
+    Files in ``out_dir``: ``checkpoint.pth`` (resume state, every epoch), ``last.pth`` (the model in the
+    ``partreid.reid_model`` format, readable by ``extract-features``/``evaluate``), ``metrics.csv`` (per epoch:
+    losses, clusters, outliers, mean agreement, lr, images/s, mAP when evaluated), ``metrics.png`` with ``plot``,
+    and ``summary.json``.
+
+    Raises:
+        InputError: bad checkpoint/dataset/labels, or an epoch whose clustering gives fewer than 2 clusters.
+    """
+    import json
+
+    out = Path(out_dir)
+    run = _Run(cfg, out)
+    if cfg.resume:
+        run.load()
+    elif run.state_path.exists():
+        raise InputError(f"{run.state_path} exists: pass --resume to continue that run, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    last_metrics = None
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.time()
+        pl = run.pseudo_labels(epoch)
+        run.current_labels = {"labels": np.asarray(pl["labels"]), "path": np.asarray(pl["path"])}
+        row: Dict[str, Any] = {"epoch": epoch}
+        row.update(run.train_epoch(epoch, pl))
+        run.scheduler.step()
+        last = epoch == cfg.epochs - 1
+        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+            metrics = run.evaluate()
+            if metrics:
+                row.update({k: metrics[k] for k in ("mAP", "rank1", "rank5", "rank10", "mINP")})
+                if last:
+                    last_metrics = metrics
+        row["seconds"] = time.time() - t0
+        run.history.append(row)
+        run.save(epoch)
+        if run.rank == 0:
+            _write_csv(out / "metrics.csv", run.history)
+            msg = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, msg)
+    if run.rank == 0 and run.history:
+        evaluated = [r for r in run.history if r.get("mAP") is not None and not
+                     (isinstance(r.get("mAP"), float) and math.isnan(r["mAP"]))]
+        summary = {"last_epoch": run.history[-1]["epoch"], "last": last_metrics}
+        if evaluated:
+            best = max(evaluated, key=lambda r: r["mAP"])
+            summary["best_epoch_by_test_mAP"] = {"epoch": best["epoch"], "mAP": best["mAP"],
+                                                 "note": "selected on the TEST set; not a valid result"}
+            log.info("reported (last epoch %d): %s; best test-set epoch %d (mAP %.4f) is test-set selection, "
+                     "not reported", run.history[-1]["epoch"], last_metrics, best["epoch"], best["mAP"])
+        with atomic_path(out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        if plot:
+            plot_history(out / "metrics.csv", out / "metrics.png")
+    dist.barrier()
+    return out / "last.pth"
