@@ -82,21 +82,18 @@ def format_metrics_table(metrics: dict) -> str:
     return f"{head}\n{row}\n{foot}{extra}"
 
 
-def _image_opener(attrs: dict):
-    """Callable opening an image of a features file by its relative path (files or LMDB datasets)."""
-    from PIL import Image
+def image_refs(attrs: dict, paths) -> list:
+    """Per row of a features file, something :func:`common.visualize.save_ranked_lists` can open: the absolute
+    image path, or (for LMDB datasets) a zero-argument callable reading the key."""
+    import functools
 
     root = Path(str(attrs.get("dataset_root", "")))
-
-    def open_file(rel):
-        return Image.open(root / rel).convert("RGB")
-
     if (root / "keys.pkl").exists():
         from common.datasets import load_dataset
 
         ds = load_dataset(str(attrs.get("dataset")), verbose=False)
-        return ds.open_image
-    return open_file
+        return [functools.partial(ds.open_image, p) for p in paths]
+    return [str(root / p) for p in paths]
 
 
 def evaluate_arrays(qf, gf, q_pids, q_camids, g_pids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
@@ -141,17 +138,22 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
 
 
 def save_rank_pictures(q, g, n: int, out_dir, metric: str = "euclidean", topk: int = 10):
-    """Ranked-list pictures of the first ``n`` queries (query, then its top-``topk``; green = right, red = wrong)."""
+    """Ranked-list pictures of ``n`` queries spread over the query list: the query, then its top-``topk``
+    (same-pid same-camera junk skipped; green = right, red = wrong)."""
+    import numpy as np
+
     from common.evaluation import distance_chunks, topk_per_query
     from common.visualize import save_ranked_lists
 
     if out_dir is None:
         raise InputError("--show-ranks needs --out-dir")
-    n = min(n, len(q))
-    idx, _ = topk_per_query(distance_chunks(q.global_feats[:n], g.global_feats, metric=metric), topk + 64)
-    return save_ranked_lists(q.path[:n], g.path, idx, q.pid[:n], q.camid[:n], g.pid, g.camid, n=n,
-                             out_dir=out_dir, topk=topk, open_query=_image_opener(q.attrs),
-                             open_gallery=_image_opener(g.attrs))
+    n = max(1, min(int(n), len(q)))
+    chosen = np.unique(np.round(np.linspace(0, len(q) - 1, n)).astype(int))
+    idx, _ = topk_per_query(distance_chunks(q.global_feats[chosen], g.global_feats, metric=metric), topk,
+                            q_pids=q.pid[chosen], q_camids=q.camid[chosen], g_pids=g.pid, g_camids=g.camid)
+    return save_ranked_lists(image_refs(q.attrs, q.path[chosen]), image_refs(g.attrs, g.path), idx,
+                             q.pid[chosen], q.camid[chosen], g.pid, g.camid, n=len(chosen), out_dir=out_dir,
+                             topk=topk)
 
 
 def evaluate_checkpoint(checkpoint: str, spec: str, *, fusion: str = "auto", neck: str = "after", flip: bool = False,

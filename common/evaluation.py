@@ -1,0 +1,481 @@
+"""Re-ID retrieval evaluation: mAP, CMC and mINP with bounded memory (reference-spec §E, §C.6, §B.1).
+
+The peers (open-reid style, spec §E.1; TransReID style, spec §E.2) build the full Q×G float32 distance matrix
+and an int64 ``argsort`` of every row, which needs 12–16 GB of RAM at MSMT17 size (spec §E.3). Here the
+distances are produced and consumed in chunks of query rows (:func:`distance_chunks`), and no row is fully
+sorted: for each query only its positives are sorted, and the valid negatives ranked before each positive are
+counted with a binary search (:func:`evaluate_distances`). The numbers are those of the straightforward
+definition below, exactly (integer ranks; only the final averaging is floating point).
+
+Definitions (Market protocol, spec §E.1/§E.2)
+---------------------------------------------
+For a query with pid ``p`` and camid ``c``:
+
+* **ranking**: the gallery sorted by distance with a *stable* sort, i.e. ties are broken by gallery index
+  (the order of ``np.argsort(dist_row, kind='stable')``). Distances are compared as float32 values, and
+  ``-0.0 == +0.0``. The peers use ``np.argsort``'s default (unstable) quicksort, so on exactly tied distances
+  their order is unspecified; on untied distances the two coincide.
+* **junk** (removed from the ranked list): gallery entries with the same pid AND the same camid as the query.
+  Everything else stays, including distractors (pid 0) as negatives. Pids are only compared for equality;
+  Market junk images (pid −1) are expected to have been dropped by the loader (spec §E.1).
+* **positives**: the remaining entries with pid ``p``. A query without any positive is skipped and only
+  counted (``num_query − num_valid_query``).
+* **AP** (non-interpolated, TransReID ``eval_func`` style): the mean over the positives of the precision at
+  the rank of each positive, ``mean_j (j+1)/(r_j+1)`` with ``r_j`` the 0-based rank of the ``j``-th positive
+  in the junk-free list. Without ties this equals the open-reid/scikit-learn AP of spec §E.1.
+* **CMC** (``first_match_break``): ``cmc[k]`` = fraction of valid queries whose first positive is at 0-based
+  rank ≤ ``k``; ``rank1``/``rank5``/``rank10``/``rank20`` are ``cmc[0]``/``cmc[4]``/``cmc[9]``/``cmc[19]``.
+* **mINP** (Ye et al. 2021, TransReID ``eval_func``): mean over valid queries of
+  ``num_positives / (r_last + 1)`` with ``r_last`` the 0-based rank of the hardest positive.
+
+CUHK03 single-gallery-shot protocol (``protocol='cuhk03'``)
+-----------------------------------------------------------
+The classic CUHK03 setting of open-reid/torchreid (``separate_camera_set=True, single_gallery_shot=True``,
+10 repetitions). Only the CMC changes; mAP and mINP are those of the Market protocol above (as in open-reid,
+whose ``mean_ap`` ignores these flags). For each valid query and each of ``sgs_repeats`` repetitions:
+
+1. the candidate gallery is every entry whose camid differs from the query's (entries of the query's own
+   camera, of any pid, are removed: ``separate_camera_set``);
+2. one entry is drawn uniformly at random for every pid present among the candidates (distractor pid 0 is one
+   pid like the others), so exactly one positive is drawn;
+3. the rank of the repetition is the number of drawn entries ranked before the drawn positive (same stable
+   order as above);
+
+and the repetition adds ``1/sgs_repeats`` to the CMC histogram at that rank (open-reid's ``delta``).
+The draws come from ``numpy.random.default_rng(seed)`` consumed in query order, so results are reproducible
+and independent of the chunk size. (open-reid draws from numpy's global state with ``np.random.choice``;
+the sampling law is the same, the random stream is not.)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+
+from common.errors import InputError
+
+__all__ = [
+    "distance_chunks",
+    "evaluate_distances",
+    "evaluate_features",
+    "topk_per_query",
+    "default_chunk_size",
+]
+
+#: Target size in bytes of one float32 distance chunk when ``chunk_size`` is not given.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def default_chunk_size(num_gallery: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Query rows per chunk so that one float32 (rows × ``num_gallery``) block takes about ``chunk_bytes``."""
+    return max(1, int(chunk_bytes) // (4 * max(1, int(num_gallery))))
+
+
+# ----------------------------------------------------------------------------------------------- distances
+
+def _as_features(x, name: str) -> np.ndarray:
+    try:
+        x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: not a numeric array ({exc})") from None
+    if x.ndim != 2:
+        raise InputError(f"{name}: expected a 2-D (N, D) feature array, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise InputError(f"{name}: no feature rows")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise InputError(f"{name}: expected real-valued features, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InputError(f"{name}: features contain NaN or infinite values")
+    return x
+
+
+def distance_chunks(qf, gf, metric: str = "euclidean",
+                    chunk_size: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """Query-vs-gallery distances, one block of query rows at a time (spec §E.1, §E.2, §B.1).
+
+    Args:
+        qf: query features, float32 (Q, D) (numpy array or CPU tensor; other real dtypes are cast to float32).
+        gf: gallery features, float32 (G, D).
+        metric: ``'euclidean'``: squared Euclidean distance ``‖q‖² + ‖g‖² − 2 q·g`` computed exactly like the
+            peers (``(‖q‖² + ‖g‖²).addmm_(q, gᵀ, beta=1, alpha=−2)`` in float32, no square root; on
+            L2-normalised features it ranks like cosine). ``'cosine'``: ``1 − q̂·ĝ`` with q̂, ĝ the
+            L2-normalised features (a zero vector is left at zero, giving distance 1).
+        chunk_size: query rows per block; default :func:`default_chunk_size` (≈ 64 MiB per block).
+
+    Yields:
+        ``(q_start, dist)`` with ``dist`` a fresh float32 (c, G) array for queries ``q_start … q_start+c−1``,
+        in query order. The product runs in torch (multi-threaded BLAS); peak extra memory is one block.
+
+    Raises:
+        InputError: not 2-D, empty, different widths, NaN/inf features, unknown metric, chunk_size < 1.
+    """
+    return _checked_distance_iter(_as_features(qf, "query features"), _as_features(gf, "gallery features"),
+                                  metric, chunk_size)
+
+
+def _checked_distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: Optional[int]):
+    """:func:`distance_chunks` on features already validated by :func:`_as_features`."""
+    import torch
+
+    if metric not in ("euclidean", "cosine"):
+        raise InputError(f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
+    if q.shape[1] != g.shape[1]:
+        raise InputError(f"query features have width {q.shape[1]} but gallery features have width {g.shape[1]}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(g.shape[0])
+    if int(chunk_size) < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = int(chunk_size)
+    return _distance_iter(torch, q, g, metric, chunk_size)
+
+
+def _distance_iter(torch, q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
+    # inputs come from numpy (no autograd graph), so no torch.no_grad() here: a grad-mode context left open
+    # across ``yield`` would leak into the consumer's code
+    tq = torch.from_numpy(q)
+    tg = torch.from_numpy(g)
+    if metric == "cosine":
+        tq = torch.nn.functional.normalize(tq, dim=1)
+        tg = torch.nn.functional.normalize(tg, dim=1)
+    else:
+        qn = torch.pow(tq, 2).sum(dim=1)
+        gn = torch.pow(tg, 2).sum(dim=1)
+    gt = tg.t()
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        if metric == "cosine":
+            out = torch.ones((stop - start, g.shape[0]), dtype=torch.float32)
+            out.addmm_(tq[start:stop], gt, beta=1, alpha=-1)
+        else:
+            out = qn[start:stop, None] + gn[None, :]
+            out.addmm_(tq[start:stop], gt, beta=1, alpha=-2)
+        yield start, out.numpy()
+
+
+# ---------------------------------------------------------------------------------------------- rankings
+
+def _sortable(d: np.ndarray) -> np.ndarray:
+    """Map float32 values to int64 with the same order (``-0.0`` and ``+0.0`` map to 0; NaN not allowed).
+
+    For non-negative floats the IEEE-754 bit pattern read as an integer is monotone; negative floats are
+    mapped to minus their magnitude bits. The result fits in 32 bits, so ``(key << 32) | gallery_index``
+    is an exact int64 sort key for "distance, then gallery index".
+    """
+    b = d.view(np.int32).astype(np.int64)
+    return np.where(b < 0, -(b & 0x7FFFFFFF), b)
+
+
+def _keys(d_values: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Exact int64 ranking keys: float32 distance first, gallery index second."""
+    return (_sortable(d_values) << 32) | cols
+
+
+def _check_labels(q_pids, q_camids, g_pids, g_camids):
+    arrs = []
+    for name, a in (("q_pids", q_pids), ("q_camids", q_camids), ("g_pids", g_pids), ("g_camids", g_camids)):
+        a = np.asarray(a)
+        if a.ndim != 1:
+            raise InputError(f"{name}: expected a 1-D array, got shape {a.shape}")
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            if not np.issubdtype(a.dtype, np.floating) or not np.all(a == np.round(a)):
+                raise InputError(f"{name}: expected integer labels, got dtype {a.dtype}")
+        arrs.append(a.astype(np.int64))
+    qp, qc, gp, gc = arrs
+    if len(qp) != len(qc):
+        raise InputError(f"q_pids has {len(qp)} entries but q_camids has {len(qc)}")
+    if len(gp) != len(gc):
+        raise InputError(f"g_pids has {len(gp)} entries but g_camids has {len(gc)}")
+    if len(qp) == 0:
+        raise InputError("no queries to evaluate")
+    if len(gp) == 0:
+        raise InputError("the gallery is empty")
+    return qp, qc, gp, gc
+
+
+def _iter_checked_chunks(dist_chunks, num_query: Optional[int], num_gallery: Optional[int]):
+    """Validate a (q_start, dist) stream: contiguous, in order, (c, G), no NaN, covering all queries.
+
+    ``num_query``/``num_gallery`` None: not known in advance (taken from the blocks).
+    Yields ``(q_start, dist)`` with ``dist`` C-contiguous float32.
+    """
+    expected = 0
+    for item in dist_chunks:
+        try:
+            start, dist = item
+        except (TypeError, ValueError):
+            raise InputError("distance chunks must be (q_start, dist) pairs") from None
+        if hasattr(dist, "detach"):
+            dist = dist.detach().cpu().numpy()
+        dist = np.asarray(dist)
+        if int(start) != expected:
+            raise InputError(f"distance chunk starts at query {int(start)}, expected {expected} "
+                             "(chunks must cover the queries in order)")
+        if num_gallery is None and dist.ndim == 2:
+            num_gallery = dist.shape[1]
+        if dist.ndim != 2 or dist.shape[1] != num_gallery or dist.shape[0] < 1 or num_gallery < 1:
+            raise InputError(f"distance chunk at query {expected} has shape {dist.shape}; "
+                             f"expected (rows, {num_gallery})")
+        if num_query is not None and expected + dist.shape[0] > num_query:
+            raise InputError(f"distance chunks cover more than the {num_query} queries")
+        if not np.issubdtype(dist.dtype, np.floating) and not np.issubdtype(dist.dtype, np.integer):
+            raise InputError(f"distance chunk at query {expected} has dtype {dist.dtype}; expected float32")
+        dist = np.ascontiguousarray(dist, dtype=np.float32)
+        if np.isnan(dist).any():
+            raise InputError(f"distance chunk at query {expected} contains NaN")
+        yield expected, dist
+        expected += dist.shape[0]
+    if num_query is not None and expected != num_query:
+        raise InputError(f"distance chunks cover {expected} queries, expected {num_query}")
+    if expected == 0:
+        raise InputError("no distance chunks given")
+
+
+class _GalleryIndex:
+    """Gallery indices grouped by pid (ascending gallery index inside each group)."""
+
+    def __init__(self, pids: np.ndarray, cams: np.ndarray, subset: Optional[np.ndarray] = None):
+        idx = np.arange(len(pids)) if subset is None else subset
+        order = idx[np.argsort(pids[idx], kind="stable")]
+        self.order = order
+        self.cams = cams[order]
+        self.pids, self.starts, self.counts = np.unique(pids[order], return_index=True, return_counts=True)
+
+    def group_of(self, pid: int) -> int:
+        """Index of ``pid``'s group, or −1 when the pid is absent."""
+        i = int(np.searchsorted(self.pids, pid))
+        return i if i < len(self.pids) and self.pids[i] == pid else -1
+
+    def members(self, group: int) -> Tuple[np.ndarray, np.ndarray]:
+        s, n = self.starts[group], self.counts[group]
+        return self.order[s:s + n], self.cams[s:s + n]
+
+
+def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_camids, g_pids, g_camids, *,
+                       max_rank: int = 50, protocol: str = "market", sgs_repeats: int = 10,
+                       seed: int = 0) -> Dict[str, object]:
+    """mAP, CMC and mINP from a stream of query-row distance blocks (reference-spec §E; module docstring).
+
+    Args:
+        dist_chunks: iterable of ``(q_start, dist)``, ``dist`` (c, G) float32 (other dtypes are cast to
+            float32; ranking is on the float32 values), covering queries ``0 … Q−1`` in order (the contract of
+            :func:`distance_chunks`). Smaller distance = more similar. Blocks are only read.
+        q_pids, q_camids: int (Q,) query pid and camid.
+        g_pids, g_camids: int (G,) gallery pid and camid (pid 0 = distractor, kept as a negative).
+        max_rank: length of the returned ``cmc`` curve (≥ 1). rank1…rank20 do not depend on it.
+        protocol: ``'market'`` or ``'cuhk03'`` (single-gallery-shot CMC; see the module docstring).
+        sgs_repeats: repetitions of the CUHK03 single-gallery-shot draw (open-reid: 10).
+        seed: seed of the CUHK03 draws.
+
+    Returns:
+        dict with ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``rank20`` (floats, fractions in
+        [0, 1]), ``cmc`` (float64 (max_rank,)), ``num_query``, ``num_valid_query``, ``num_gallery`` (ints).
+
+    Algorithm: per query, the positives are sorted by the exact int64 key ``(float32 distance bits mapped to
+    an order-preserving int) << 32 | gallery index``; only the negatives at distance ≤ the hardest positive
+    are keyed, and ``np.searchsorted`` + ``np.bincount`` + ``cumsum`` give, for every positive, the number
+    of valid negatives ranked before it. Cost per query O(G + m log P) for m such negatives and P positives;
+    memory one block plus O(G).
+
+    Raises:
+        InputError: label arrays of the wrong shape/length, malformed or NaN distance blocks, unknown
+            protocol, max_rank < 1, sgs_repeats < 1, or no query with a positive in the gallery.
+    """
+    if protocol not in ("market", "cuhk03"):
+        raise InputError(f"unknown protocol {protocol!r}; expected 'market' or 'cuhk03'")
+    if int(max_rank) < 1:
+        raise InputError(f"max_rank must be >= 1, got {max_rank}")
+    if int(sgs_repeats) < 1:
+        raise InputError(f"sgs_repeats must be >= 1, got {sgs_repeats}")
+    max_rank = int(max_rank)
+    qp, qc, gp, gc = _check_labels(q_pids, q_camids, g_pids, g_camids)
+    num_query, num_gallery = len(qp), len(gp)
+    if num_gallery >= 2 ** 31:
+        raise InputError(f"gallery of {num_gallery} entries is too large (limit 2**31 - 1)")
+
+    gallery = _GalleryIndex(gp, gc)
+    q_group = np.array([gallery.group_of(p) for p in np.unique(qp)], dtype=np.int64)
+    q_group = q_group[np.searchsorted(np.unique(qp), qp)]
+
+    cuhk = protocol == "cuhk03"
+    if cuhk:
+        rng = np.random.default_rng(seed)
+        by_cam: Dict[int, _GalleryIndex] = {}
+        sgs_hist = np.zeros(num_gallery + 1, dtype=np.float64)
+
+    ap_sum = 0.0
+    inp_sum = 0.0
+    first_ranks = []
+    num_valid = 0
+
+    for start, dist in _iter_checked_chunks(dist_chunks, num_query, num_gallery):
+        for r in range(dist.shape[0]):
+            i = start + r
+            grp = q_group[i]
+            if grp < 0:
+                continue
+            members, mcams = gallery.members(grp)
+            pos = members[mcams != qc[i]]
+            npos = len(pos)
+            if npos == 0:
+                continue
+            num_valid += 1
+            d = dist[r]
+            pd = d[pos]
+            pos_keys = _keys(pd, pos)
+            pos_keys.sort()
+            thr = pd.max()
+            mask = d <= thr
+            mask[members] = False                       # positives and junk are not negatives
+            neg = np.flatnonzero(mask)
+            if len(neg):
+                bucket = np.searchsorted(pos_keys, _keys(d[neg], neg))
+                neg_before = np.cumsum(np.bincount(bucket, minlength=npos + 1)[:npos])
+                ranks = np.arange(npos) + neg_before
+            else:
+                ranks = np.arange(npos)
+            ap_sum += float(np.mean(np.arange(1, npos + 1) / (ranks + 1.0)))
+            inp_sum += npos / (float(ranks[-1]) + 1.0)
+            first_ranks.append(int(ranks[0]))
+
+            if cuhk:
+                cam = int(qc[i])
+                idx = by_cam.get(cam)
+                if idx is None:
+                    idx = by_cam[cam] = _GalleryIndex(gp, gc, np.flatnonzero(gc != cam))
+                own = idx.group_of(int(qp[i]))           # exists: the query has a positive in another camera
+                picks = rng.integers(0, idx.counts[None, :], size=(int(sgs_repeats), len(idx.counts)))
+                cols = idx.order[idx.starts[None, :] + picks]
+                keys = _keys(d[cols], cols)
+                rank = np.count_nonzero(keys < keys[:, own:own + 1], axis=1)
+                np.add.at(sgs_hist, rank, 1.0 / int(sgs_repeats))
+
+    if num_valid == 0:
+        raise InputError(f"none of the {num_query} queries has a positive (same pid, other camera) "
+                         "in the gallery; are query and gallery from the same dataset?")
+
+    if cuhk:
+        hist = sgs_hist
+    else:
+        hist = np.bincount(np.asarray(first_ranks, dtype=np.int64), minlength=num_gallery + 1).astype(np.float64)
+    cum = np.cumsum(hist) / num_valid
+
+    def at(k: int) -> float:
+        return float(cum[min(k, len(cum)) - 1])
+
+    cmc = np.array([at(k) for k in range(1, max_rank + 1)], dtype=np.float64)
+    return {
+        "mAP": ap_sum / num_valid,
+        "mINP": inp_sum / num_valid,
+        "rank1": at(1),
+        "rank5": at(5),
+        "rank10": at(10),
+        "rank20": at(20),
+        "cmc": cmc,
+        "num_query": int(num_query),
+        "num_valid_query": int(num_valid),
+        "num_gallery": int(num_gallery),
+    }
+
+
+def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str = "euclidean",
+                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                      chunk_size: Optional[int] = None, protocol: str = "market", max_rank: int = 50,
+                      sgs_repeats: int = 10, seed: int = 0) -> Dict[str, object]:
+    """Evaluate query features against gallery features (reference-spec §E; §B.1 "Retrieval feature").
+
+    Args:
+        qf: float32 (Q, D) query features; gf: float32 (G, D) gallery features. The caller L2-normalises them
+            when the recipe says so (spec §B.1, §C.6); this function does not.
+        q_pids, q_camids, g_pids, g_camids: int label arrays, (Q,) and (G,).
+        metric: ``'euclidean'`` (squared, the peers' convention) or ``'cosine'``; see :func:`distance_chunks`.
+        rerank: use k-reciprocal re-ranking (Zhong et al. 2017; k1, k2, lambda_value as in spec §E.2:
+            20, 6, 0.3) via ``common.reranking.reranked_distance_chunks`` instead of the plain distance.
+        chunk_size: query rows per distance block (memory bound); default :func:`default_chunk_size`.
+        protocol, max_rank, sgs_repeats, seed: see :func:`evaluate_distances`.
+
+    Returns:
+        The dict of :func:`evaluate_distances`.
+
+    Raises:
+        InputError: bad features or labels (see :func:`distance_chunks`, :func:`evaluate_distances`), or
+            feature/label counts that differ.
+    """
+    q = _as_features(qf, "query features")
+    g = _as_features(gf, "gallery features")
+    qp, qc, gp, gc = _check_labels(q_pids, q_camids, g_pids, g_camids)
+    if len(qp) != q.shape[0]:
+        raise InputError(f"{q.shape[0]} query features but {len(qp)} query labels")
+    if len(gp) != g.shape[0]:
+        raise InputError(f"{g.shape[0]} gallery features but {len(gp)} gallery labels")
+    if rerank:
+        if metric != "euclidean":
+            raise InputError("re-ranking uses the squared Euclidean distance; use metric='euclidean'")
+        from common.reranking import reranked_distance_chunks
+        chunks = reranked_distance_chunks(q, g, k1, k2, lambda_value, chunk_size)
+    else:
+        chunks = _checked_distance_iter(q, g, metric, chunk_size)
+    return evaluate_distances(chunks, qp, qc, gp, gc, max_rank=max_rank, protocol=protocol,
+                              sgs_repeats=sgs_repeats, seed=seed)
+
+
+def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_pids=None, q_camids=None,
+                   g_pids=None, g_camids=None) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest gallery entries of every query, in ranking order (for the ranked-list picture).
+
+    Args:
+        dist_chunks: ``(q_start, dist (c, G) float32)`` blocks covering all queries in order (as
+            :func:`distance_chunks`); the number of queries is the sum of the block heights.
+        k: entries per query (≥ 1).
+        q_pids, q_camids, g_pids, g_camids: optional int labels. When all four are given, junk entries
+            (same pid AND same camid as the query; Market protocol, spec §E.1) are left out of the list.
+
+    Returns:
+        ``(idx, dist)``: int64 (Q, k) gallery indices and float32 (Q, k) distances, ordered by the stable
+        ranking (distance, then gallery index). When fewer than ``k`` entries remain (junk removal), a row is
+        padded with index −1 and distance +inf.
+
+    Raises:
+        InputError: k < 1, malformed blocks, or labels of the wrong lengths.
+    """
+    if int(k) < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    k = int(k)
+    labels = [q_pids, q_camids, g_pids, g_camids]
+    use_junk = all(x is not None for x in labels)
+    if any(x is not None for x in labels) and not use_junk:
+        raise InputError("give all four of q_pids, q_camids, g_pids, g_camids, or none")
+    if use_junk:
+        qp, qc, gp, gc = _check_labels(*labels)
+        num_query = len(qp)
+    else:
+        num_query = gp = None
+    idx_rows, dist_rows = [], []
+    for start, dist in _iter_checked_chunks(dist_chunks, num_query, None if gp is None else len(gp)):
+        for r in range(dist.shape[0]):
+            d = dist[r]
+            if use_junk:
+                i = start + r
+                cand = np.flatnonzero((gp != qp[i]) | (gc != qc[i]))
+                dc = d[cand]
+            else:
+                cand = None
+                dc = d
+            n = len(dc)
+            kk = min(k, n)
+            out_i = np.full(k, -1, dtype=np.int64)
+            out_d = np.full(k, np.inf, dtype=np.float32)
+            if kk:
+                if kk < n:
+                    kth = np.partition(dc, kk - 1)[kk - 1]
+                    sel = np.flatnonzero(dc <= kth)            # every entry tied with the k-th one too
+                else:
+                    sel = np.arange(n)
+                cols = sel if cand is None else cand[sel]
+                order = np.argsort(_keys(dc[sel], cols))[:kk]
+                out_i[:kk] = cols[order]
+                out_d[:kk] = dc[sel][order]
+            idx_rows.append(out_i)
+            dist_rows.append(out_d)
+    return np.stack(idx_rows), np.stack(dist_rows)

@@ -1,0 +1,178 @@
+"""Ranked-list pictures: a query followed by its top-k gallery images, framed green (right) or red (wrong).
+
+Used by ``evaluate --show-ranks N --out-dir DIR``. The ranking comes from
+:func:`common.evaluation.topk_per_query`; junk entries (same pid AND same camid as the query, Market protocol,
+reference-spec §E.1) are skipped here as well, so a top-k computed without labels can be passed as long as it
+has enough spare columns.
+
+Layout of one picture (all sizes in pixels; see :func:`ranked_list_layout`): ``1 + topk`` cells of
+``tile_size = (width, height)`` in a row, the query first, a wider gap after the query. Each cell is the image
+resized to the cell minus a ``border``-pixel frame drawn in the frame colour: :data:`QUERY_COLOR` for the
+query, :data:`RIGHT_COLOR` for a gallery image with the query's pid, :data:`WRONG_COLOR` otherwise
+(distractors, pid 0, are wrong), :data:`EMPTY_COLOR` (a plain cell) where the list is shorter than ``topk``.
+A caption line under each cell gives ``pid/camid`` (and the rank for gallery cells).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from common.errors import InputError
+from common.fileio import atomic_path
+
+__all__ = ["save_ranked_lists", "ranked_list_layout", "RIGHT_COLOR", "WRONG_COLOR", "QUERY_COLOR",
+           "EMPTY_COLOR"]
+
+log = logging.getLogger("partreid")
+
+RIGHT_COLOR = (0, 200, 0)
+WRONG_COLOR = (220, 0, 0)
+QUERY_COLOR = (40, 90, 230)
+EMPTY_COLOR = (200, 200, 200)
+BACKGROUND = (255, 255, 255)
+MARGIN = 6          # around the row of cells
+GAP = 4             # between gallery cells
+QUERY_GAP = 16      # between the query and the first gallery cell
+CAPTION_H = 14      # caption line under the cells
+
+ImageLike = Union[str, Path, Image.Image, Callable[[], Image.Image]]
+
+
+def ranked_list_layout(num_cells: int, tile_size: Tuple[int, int] = (64, 128)
+                       ) -> Tuple[Tuple[int, int], List[Tuple[int, int, int, int]]]:
+    """Canvas size and cell boxes of a ranked-list picture.
+
+    Args:
+        num_cells: 1 (query) + number of gallery cells.
+        tile_size: (width, height) of one cell in pixels, frame included.
+
+    Returns:
+        ``((canvas_width, canvas_height), boxes)`` with ``boxes[i] = (x0, y0, x1, y1)`` (x1, y1 exclusive);
+        cell 0 is the query, cell ``i`` ≥ 1 the gallery entry at rank ``i``.
+    """
+    w, h = int(tile_size[0]), int(tile_size[1])
+    boxes = []
+    x = MARGIN
+    for i in range(num_cells):
+        boxes.append((x, MARGIN, x + w, MARGIN + h))
+        x += w + (QUERY_GAP if i == 0 else GAP)
+    width = boxes[-1][2] + MARGIN
+    height = MARGIN + h + CAPTION_H + MARGIN
+    return (width, height), boxes
+
+
+def _default_open(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _load(item: ImageLike, open_image: Callable[[str], Image.Image]) -> Optional[Image.Image]:
+    try:
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        if callable(item):
+            return item().convert("RGB")
+        return open_image(str(item)).convert("RGB")
+    except OSError as exc:
+        log.warning("ranked-list picture: cannot read image %s (%s); drawing an empty cell", item, exc)
+        return None
+
+
+def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, box, image: Optional[Image.Image],
+               color, border: int, caption: str) -> None:
+    x0, y0, x1, y1 = box
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=color)
+    inner = (x1 - x0 - 2 * border, y1 - y0 - 2 * border)
+    if image is not None and inner[0] > 0 and inner[1] > 0:
+        canvas.paste(image.resize(inner, Image.BILINEAR), (x0 + border, y0 + border))
+    elif inner[0] > 0 and inner[1] > 0:
+        draw.rectangle((x0 + border, y0 + border, x1 - border - 1, y1 - border - 1), fill=EMPTY_COLOR)
+    if caption:
+        draw.text((x0, y1 + 1), caption, fill=(0, 0, 0))
+
+
+def save_ranked_lists(query_images: Sequence[ImageLike], gallery_images: Sequence[ImageLike],
+                      topk_idx, q_pids, q_camids, g_pids, g_camids, n: int, out_dir,
+                      topk: int = 10, *, open_image: Callable[[str], Image.Image] = _default_open,
+                      query_indices: Optional[Sequence[int]] = None, tile_size: Tuple[int, int] = (64, 128),
+                      border: int = 4) -> List[Path]:
+    """Write one PNG per query: the query, then its top-``topk`` gallery images with right/wrong frames.
+
+    Args:
+        query_images, gallery_images: per query / gallery entry, a path or key (opened with ``open_image``),
+            a PIL image, or a zero-argument callable returning one. Lengths Q and G.
+        topk_idx: int (Q, k) gallery indices in ranking order (e.g. from
+            :func:`common.evaluation.topk_per_query`); −1 = no entry. Junk entries (same pid AND same camid
+            as the query) are skipped, so ``k`` should leave room for them.
+        q_pids, q_camids: int (Q,); g_pids, g_camids: int (G,).
+        n: number of queries to draw (≥ 1, capped at Q), spread evenly over the query list
+            (``round(linspace(0, Q−1, n))``) unless ``query_indices`` is given.
+        out_dir: folder for the pictures (created); files are ``query_<index:05d>.png``, written atomically.
+        topk: gallery cells per picture (≥ 1).
+        open_image: ``key -> PIL.Image`` (e.g. ``ReIDDataset.open_image``, which also reads LMDB keys);
+            default opens a file path. An unreadable image (OSError) gives a grey cell and a warning.
+        query_indices: explicit queries to draw (overrides ``n``).
+        tile_size: (width, height) of a cell in pixels; border: frame width in pixels.
+
+    Returns:
+        The written paths, in the order of the queries drawn.
+
+    Raises:
+        InputError: inconsistent lengths or shapes, n/topk < 1, a query index out of range.
+    """
+    topk_idx = np.asarray(topk_idx)
+    q_pids, q_camids = np.asarray(q_pids).astype(np.int64), np.asarray(q_camids).astype(np.int64)
+    g_pids, g_camids = np.asarray(g_pids).astype(np.int64), np.asarray(g_camids).astype(np.int64)
+    num_q, num_g = len(query_images), len(gallery_images)
+    if topk_idx.ndim != 2 or topk_idx.shape[0] != num_q:
+        raise InputError(f"topk_idx has shape {topk_idx.shape}; expected ({num_q}, k)")
+    if len(q_pids) != num_q or len(q_camids) != num_q:
+        raise InputError(f"{num_q} query images but {len(q_pids)} pids and {len(q_camids)} camids")
+    if len(g_pids) != num_g or len(g_camids) != num_g:
+        raise InputError(f"{num_g} gallery images but {len(g_pids)} pids and {len(g_camids)} camids")
+    if topk_idx.size and (topk_idx.max() >= num_g or topk_idx.min() < -1):
+        raise InputError(f"topk_idx holds gallery indices outside [-1, {num_g - 1}]")
+    if int(topk) < 1:
+        raise InputError(f"topk must be >= 1, got {topk}")
+    if border < 0 or tile_size[0] < 1 or tile_size[1] < 1:
+        raise InputError(f"bad tile_size {tile_size} or border {border}")
+    if query_indices is None:
+        if int(n) < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        query_indices = np.unique(np.round(np.linspace(0, num_q - 1, min(int(n), num_q))).astype(np.int64))
+    query_indices = [int(i) for i in query_indices]
+    for i in query_indices:
+        if not 0 <= i < num_q:
+            raise InputError(f"query index {i} is outside [0, {num_q - 1}]")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    topk = int(topk)
+    (cw, ch), boxes = ranked_list_layout(1 + topk, tile_size)
+    written = []
+    for i in query_indices:
+        row = [int(j) for j in topk_idx[i] if j >= 0
+               and not (g_pids[j] == q_pids[i] and g_camids[j] == q_camids[i])][:topk]
+        canvas = Image.new("RGB", (cw, ch), BACKGROUND)
+        draw = ImageDraw.Draw(canvas)
+        _draw_cell(canvas, draw, boxes[0], _load(query_images[i], open_image), QUERY_COLOR, border,
+                   f"q {q_pids[i]}/{q_camids[i]}")
+        for rank in range(topk):
+            box = boxes[1 + rank]
+            if rank >= len(row):
+                draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=EMPTY_COLOR)
+                continue
+            j = row[rank]
+            color = RIGHT_COLOR if g_pids[j] == q_pids[i] else WRONG_COLOR
+            _draw_cell(canvas, draw, box, _load(gallery_images[j], open_image), color, border,
+                       f"{rank + 1}: {g_pids[j]}/{g_camids[j]}")
+        dest = out_dir / f"query_{i:05d}.png"
+        with atomic_path(dest) as tmp:
+            canvas.save(tmp, format="PNG")
+        written.append(dest)
+    return written
