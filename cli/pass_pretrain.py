@@ -1,13 +1,118 @@
-"""``pass-pretrain``: not built yet."""
+"""``pass-pretrain``: PASS part-aware self-supervised pre-training of a ViT (and ``pass-pretrain export``)."""
 
 import click
 
-from cli._common import common_options, guarded, not_implemented
+from cli._common import common_options, emit_output, guarded, read_input_path
+from cli.extract_features import parse_size
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _TrainOrExport(click.Group):
+    """``pass-pretrain [OPTIONS]`` trains; ``pass-pretrain export RUN --out FILE`` exports."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            ctx.meta["train_only"] = True
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_TrainOrExport, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+Examples:
+  pass-pretrain --data LUPerson --arch vit_small --epochs 100 --batch-size 128 --out runs/pass_vit_small
+      (LUPerson found under $REID_DATA: a JPEG tree, or its LMDB read directly)
+  torchrun --nproc_per_node 8 $(which pass-pretrain) --data luperson:/data/LUP --out runs/pass_vit_small
+  pass-pretrain --data folder:data/sample/vtest --arch vit_tiny --epochs 4 --batch-size 32 \\
+      --image-size 128x64 --out-dim 4096 --out runs/tiny          # a CPU-sized demo
+  pass-pretrain --data LUPerson --out runs/pass_vit_small --resume  # continue mid-epoch
+  pass-pretrain export runs/pass_vit_small --out backbone.pth       # teacher backbone, official PASS keys
+""")
+@click.option("--data", "-d", "spec", default=None, help="Unlabelled images: a dataset spec or a NAME under "
+                                                       "$REID_DATA (labels are ignored).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--arch", type=click.Choice(["vit_tiny", "vit_small", "vit_base"]), default="vit_small",
+              show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", "-b", type=int, default=128, show_default=True, help="Images per GPU/process.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Base LR, scaled by global batch / 256.")
+@click.option("--warmup-epochs", type=int, default=10, show_default=True)
+@click.option("--out-dim", type=int, default=65536, show_default=True, help="Prototypes per DINO head.")
+@click.option("--image-size", default="256x128", show_default=True, help="Global views HxW pixels.")
+@click.option("--local-size", default=None, help="Local crops HxW [default: half the global size].")
+@click.option("--local-crops-per-band", type=int, default=3, show_default=True)
+@click.option("--teacher-temp", type=float, default=0.04, show_default=True)
+@click.option("--warmup-teacher-temp", type=float, default=0.04, show_default=True)
+@click.option("--warmup-teacher-temp-epochs", type=int, default=0, show_default=True)
+@click.option("--momentum-teacher", type=float, default=0.996, show_default=True)
+@click.option("--clip-grad", type=float, default=3.0, show_default=True)
+@click.option("--clip-mode", type=click.Choice(["per-tensor", "global", "none"]), default="per-tensor",
+              show_default=True, help="per-tensor: each parameter tensor's gradient norm is capped on its own, "
+                                      "as the reference does.")
+@click.option("--freeze-last-layer", type=int, default=1, show_default=True, help="Epochs with the heads' last "
+                                                                                  "layer frozen.")
+@click.option("--drop-path", type=float, default=0.1, show_default=True)
+@click.option("--depth", type=int, default=12, show_default=True, help="Transformer blocks (12 = the paper's).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default="auto", show_default=True,
+              help="auto: bf16 where supported, else fp16 with a scaler, on CUDA; off on CPU.")
+@click.option("--workers", "-j", type=int, default=4, show_default=True)
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True,
+              help="Also checkpoint every N iterations (0: epoch ends only).")
+@click.option("--stop-after-iters", type=int, default=None, help="Stop (with a checkpoint) after N iterations.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (mid-epoch).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @common_options
+@click.pass_context
 @guarded
-def main(device, seed, verbose, debug):
-    """Not implemented yet."""
-    not_implemented("pass-pretrain")
+def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, image_size, local_size,
+         local_crops_per_band, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
+         clip_grad, clip_mode, freeze_last_layer, drop_path, depth, amp, workers, checkpoint_every, stop_after_iters,
+         resume, quiet, device, seed, verbose, debug):
+    """PASS pre-training: DINO self-distillation of a ViT with three [PART] tokens, one per horizontal band.
+
+    Paper defaults (ViT-S: 100 epochs, batch 128/GPU, AdamW lr 5e-4 x batch/256, 10 warm-up epochs, 2 global
+    + 9 band-local crops, 4 DINO heads with 65,536 prototypes) are the CLI defaults. Checkpoints are written
+    every --checkpoint-every iterations and at each epoch end; --resume continues mid-epoch. When training
+    finishes, the teacher backbone is exported to RUN/teacher_backbone.pth and its path printed on stdout.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from common.datasets import load_dataset
+    from common.errors import InputError
+    from common.images import ImageDataset
+    from pass_pretrain.train import PassConfig, train_pass
+
+    if not spec or not out:
+        raise InputError("pass-pretrain needs --data SPEC and --out RUN_DIR (see --help)")
+    size = parse_size(image_size)
+    local = parse_size(local_size) or (size[0] // 2, size[1] // 2)
+    config = PassConfig(arch=arch, depth=depth, image_size=size, local_size=local, drop_path_rate=drop_path,
+                        out_dim=out_dim, local_crops_per_band=local_crops_per_band, teacher_temp=teacher_temp,
+                        warmup_teacher_temp=warmup_teacher_temp, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+                        epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+                        momentum_teacher=momentum_teacher, clip_grad=clip_grad, clip_mode=clip_mode,
+                        freeze_last_layer=freeze_last_layer, amp=amp, seed=seed, num_workers=workers, device=device,
+                        checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet)
+    ds = load_dataset(spec)
+    frame = ds.split("train") if "train" in set(ds.frame["split"]) else ds.frame
+    ckpt = train_pass(config, ImageDataset(ds, frame.reset_index(drop=True), transform=None), out, resume=resume)
+    from common.distributed import is_main_process
+
+    if is_main_process():
+        backbone = ckpt.parent / "teacher_backbone.pth"
+        emit_output(backbone if backbone.exists() else ckpt)
+
+
+@main.command("export", context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+Examples:
+  pass-pretrain export runs/pass_vit_small --out backbone.pth
+  pass-pretrain export runs/pass_vit_small/checkpoint.pth --out backbone.pth
+""")
+@click.argument("run", required=False)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Backbone file to write.")
+@click.option("-v", "--verbose", count=True)
+@click.option("--debug", is_flag=True)
+@guarded
+def export(run, out, verbose, debug):
+    """Write the teacher backbone of RUN (a run folder or checkpoint) alone, in the official PASS key layout."""
+    from pass_pretrain.train import export_backbone
+
+    emit_output(export_backbone(read_input_path(run, "run folder"), out))

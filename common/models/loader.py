@@ -75,17 +75,17 @@ def _is_resnet_state(sd: Dict[str, Any]) -> bool:
     return "conv1.weight" in keys and any(k.startswith("layer4.") for k in keys)
 
 
-def _build_vit(arch: str, state: Optional[Dict[str, Any]], where: str):
-    from common.models.vit import build_part_vit, detect_vit_arch, load_vit_weights
+def _build_vit(arch: Optional[str], state: Optional[Dict[str, Any]], where: str, image_size=None):
+    """A PartViT: random (``state`` None) or fitted to ``state`` (arch and depth read from the tensor shapes)."""
+    from common.models.vit import build_part_vit, load_part_vit
 
-    if arch is None:
-        arch = detect_vit_arch(state)
-    if arch not in VIT_ARCHS:
-        raise InputError(f"{where}: unknown ViT arch {arch!r} (expected one of {', '.join(VIT_ARCHS)})")
-    model = build_part_vit(arch)
-    if state is not None:
-        load_vit_weights(model, state)
-    return model, arch
+    if state is None:
+        if arch not in VIT_ARCHS:
+            raise InputError(f"{where}: unknown ViT arch {arch!r} (expected one of {', '.join(VIT_ARCHS)})")
+        kw = {"image_size": tuple(image_size)} if image_size else {}
+        return build_part_vit(arch, **kw), arch
+    model, _ = load_part_vit(state, image_size=tuple(image_size) if image_size else None)
+    return model, getattr(model, "arch", arch or "vit")
 
 
 def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optional[Tuple[int, int]] = None,
@@ -111,7 +111,7 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
             model = ResNetStripes(weights=resnet_weights)
             return _finish(model, "resnet", "resnet50", image_size or (384, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
                            "ResNet-50 stripes (ImageNet weights)" if resnet_weights else "random ResNet-50 stripes")
-        model, name = _build_vit(name, None, checkpoint)
+        model, name = _build_vit(name, None, checkpoint, image_size)
         return _finish(model, "vit", name, image_size or (256, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
                        f"randomly initialised {name}")
 
@@ -131,32 +131,24 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
         size = tuple(image_size or meta.get("image_size") or (256, 128))
         return _finish(model, "reid", meta.get("arch", "?"), size, tuple(meta.get("pixel_mean", IMAGENET_MEAN)),
                        tuple(meta.get("pixel_std", IMAGENET_STD)), sha, "PartReID finetune checkpoint", meta)
-    if fmt == "partreid.backbone":
-        meta = obj.get("meta", {})
-        model, name = _build_vit(arch or meta.get("arch"), obj["state_dict"], str(path))
-        size = tuple(image_size or meta.get("image_size") or (256, 128))
-        return _finish(model, "vit", name, size, tuple(meta.get("pixel_mean", IMAGENET_MEAN)),
-                       tuple(meta.get("pixel_std", IMAGENET_STD)), sha, "PartReID pass-pretrain export", meta)
-
     state = obj
-    source = "state dict"
-    if "teacher" in obj and isinstance(obj["teacher"], dict):
-        state, source = obj["teacher"], "teacher of a PASS/DINO training checkpoint"
-    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        state = obj["state_dict"]
-    elif "model" in obj and isinstance(obj["model"], dict):
-        state = obj["model"]
+    for key in ("teacher", "state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            state = obj[key]
+            break
     if _is_resnet_state(state):
         from common.models.resnet import ResNetStripes
 
         model = ResNetStripes(weights=str(path))
         return _finish(model, "resnet", "resnet50", image_size or (384, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
                        "torchvision ResNet-50 (stripes)")
-    model, name = _build_vit(arch, state, str(path))
+    # PartViT: official PASS backbone, DINO/PASS training checkpoint (teacher), timm ViT, or our export
     meta = obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {}
-    return _finish(model, "vit", name, tuple(image_size or meta.get("image_size") or (256, 128)),
-                   tuple(meta.get("pixel_mean", IMAGENET_MEAN)), tuple(meta.get("pixel_std", IMAGENET_STD)), sha,
-                   f"ViT {source}", meta)
+    source = ("PartReID pass-pretrain export" if meta else
+              "teacher of a PASS/DINO training checkpoint" if "teacher" in obj else "ViT state dict")
+    model, name = _build_vit(arch, obj, str(path), image_size)
+    return _finish(model, "vit", name, tuple(model.image_size), tuple(model.pixel_mean), tuple(model.pixel_std),
+                   sha, source, meta)
 
 
 def _finish(model, kind, arch, size, mean, std, sha, source, meta=None) -> LoadedModel:

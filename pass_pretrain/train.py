@@ -1,0 +1,727 @@
+"""PASS teacher-student pre-training loop (``main_pass.py`` of PASS, a DINO derivative; reference-spec §A.7–§A.9).
+
+Entry points: :func:`train_pass` (train or resume a run in a folder) and :func:`export_backbone` (write the
+teacher backbone alone, official PASS key layout). :class:`PassTrainer` holds the models, optimiser and one
+training step; the benchmark in ``benchmarks/bench_pretrain_step.py`` reuses it.
+
+Reproducibility and resume
+--------------------------
+* Data order: a ``DistributedSampler`` (also with one process) shuffles with seed ``config.seed + epoch``; a
+  resumed run fast-forwards it past the iterations already done in the epoch (:class:`SkipSampler`).
+* Augmentation: item i of epoch e is augmented under torch's CPU RNG seeded from (seed, e, i) and the caller's
+  RNG state is restored afterwards (:func:`pass_pretrain.augment.seeded_call`), so the views do not depend on the
+  number of data-loader workers, on the order they run in, or on where a run was interrupted.
+* Training RNG (stochastic depth): the python, numpy, torch and CUDA RNG states are stored in every checkpoint
+  and restored on resume (rank 0's; other ranks are reseeded from (seed, rank, iteration)).
+* A checkpoint (``checkpoint.pth``, written atomically every ``checkpoint_every`` iterations, at every epoch end
+  and when stopping) holds student, teacher, optimiser, grad scaler, the loss centres, epoch, iteration, the
+  position inside the epoch, RNG states, the config and the backbone metadata. On the CPU with the same seed and
+  thread count, a run interrupted after k iterations and resumed ends with exactly the parameters of an
+  uninterrupted run (tested).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+import common.distributed as cdist
+from common.errors import InputError
+from common.fileio import atomic_path
+from common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
+from pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
+from pass_pretrain.heads import PASSMultiCrop
+from pass_pretrain.loss import PASSLoss
+from pass_pretrain.schedules import pass_schedules, scaled_lr
+
+CHECKPOINT_NAME = "checkpoint.pth"
+METRICS_NAME = "metrics.csv"
+BACKBONE_NAME = "teacher_backbone.pth"
+CLIP_MODES = ("per-tensor", "global", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+@dataclass
+class PassConfig:
+    """Hyper-parameters of PASS pre-training; defaults are the paper's ViT-S run (reference-spec §A, §H).
+
+    Model: ``arch`` (vit_tiny/vit_small/vit_base), ``depth`` (12; smaller for tests), ``image_size`` (256, 128)
+    global views, ``local_size`` (128, 64) local crops, ``drop_path_rate`` 0.1 (student; teacher 0),
+    ``pass_scale_quirk`` (False: position table resized to the explicit grid, see
+    :func:`common.models.vit.resize_pos_grid`).
+    Heads (§A.5): ``out_dim`` 65536, ``hidden_dim`` 2048, ``bottleneck_dim`` 256, ``use_bn_in_head`` False,
+    ``norm_last_layer`` True.
+    Crops (§A.3): ``global_crops_scale`` (0.4, 1.0), ``local_crops_scale`` (0.1, 0.8), ``local_crops_per_band`` 3.
+    Loss (§A.6): ``student_temp`` 0.1, ``teacher_temp`` 0.04, ``warmup_teacher_temp`` 0.04,
+    ``warmup_teacher_temp_epochs`` 0, ``center_momentum`` 0.9.
+    Optimisation (§A.7): ``epochs`` 100, ``batch_size`` 128 images per process, ``lr`` 5e-4 (scaled by
+    global batch / 256), ``min_lr`` 1e-6, ``warmup_epochs`` 10, ``weight_decay`` 0.04 → ``weight_decay_end`` 0.4,
+    ``momentum_teacher`` 0.996 → 1, ``clip_grad`` 3.0 with ``clip_mode`` 'per-tensor' (the reference; or
+    'global', 'none'), ``freeze_last_layer`` 1 epoch, ``amp`` 'auto' (CUDA: bf16 where supported else fp16 with a
+    GradScaler; CPU: off), ``seed`` 0.
+    Run: ``num_workers`` data-loader processes, ``device`` 'auto'|'cpu'|'cuda', ``checkpoint_every``
+    iterations (0: epoch ends only), ``snapshot_every`` epochs (keep ``checkpoint{epoch:04d}.pth``; 0 off),
+    ``stop_after_iters`` (stop with a checkpoint after this many iterations in total; schedules still span
+    ``epochs``), ``export_on_finish`` (write ``teacher_backbone.pth`` at the end), ``progress`` (tqdm on stderr).
+    """
+
+    arch: str = "vit_small"
+    depth: int = 12
+    image_size: Tuple[int, int] = (256, 128)
+    local_size: Tuple[int, int] = (128, 64)
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
+    pass_scale_quirk: bool = False
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    global_crops_scale: Tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: Tuple[float, float] = (0.1, 0.8)
+    local_crops_per_band: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0
+    clip_mode: str = "per-tensor"
+    freeze_last_layer: int = 1
+    amp: str = "auto"
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    snapshot_every: int = 0
+    stop_after_iters: Optional[int] = None
+    export_on_finish: bool = True
+    progress: bool = True
+
+    def validate(self) -> "PassConfig":
+        """Check value ranges; raises InputError with a one-line message. Returns self."""
+        if self.clip_mode not in CLIP_MODES:
+            raise InputError(f"clip_mode {self.clip_mode!r} not in {CLIP_MODES}")
+        if self.amp not in AMP_MODES:
+            raise InputError(f"amp {self.amp!r} not in {AMP_MODES}")
+        for name in ("epochs", "batch_size", "out_dim", "depth"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.warmup_epochs > self.epochs:
+            raise InputError(f"warmup_epochs ({self.warmup_epochs}) > epochs ({self.epochs})")
+        for name in ("image_size", "local_size"):
+            h, w = getattr(self, name)
+            if h % self.patch_size or w % self.patch_size:
+                raise InputError(f"{name} {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "PassConfig":
+        """Build from a dict (e.g. a checkpoint's ``config``); unknown keys raise InputError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InputError(f"unknown PASS config keys: {', '.join(unknown)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fixed)
+
+
+#: config fields that may change between an interrupted run and its resumption (they do not affect results).
+_RESUME_FREE = {"num_workers", "device", "checkpoint_every", "snapshot_every", "stop_after_iters",
+                "export_on_finish", "progress"}
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of dataset item ``index`` in ``epoch`` (a 63-bit int from numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class MultiCropDataset(Dataset):
+    """Wrap an image dataset so that item i yields the PASS views of image i, reproducibly.
+
+    Args:
+        images: indexable of length N whose items are a PIL image, a tuple/list starting with one (e.g. the
+            ``(img, i)`` items of ``common.images.ImageDataset`` built with an identity transform), or ``None``
+            for an unreadable image (the item is then skipped).
+        augment: callable PIL → list of view tensors (:class:`PassMultiCropAugment`).
+        seed: base seed; item i of epoch e is augmented with :func:`item_seed` (seed, e, i).
+
+    Item i → list of ``layout.n_views`` float tensors (3, h, w), or ``None``.
+    """
+
+    def __init__(self, images: Any, augment: Any, seed: int = 0):
+        self.images = images
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation seeds are used (call before iterating a DataLoader)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Optional[List[torch.Tensor]]:
+        item = self.images[index]
+        if isinstance(item, (tuple, list)):
+            item = item[0] if item else None
+        if item is None:
+            return None
+        if not hasattr(item, "convert") or not hasattr(item, "crop"):
+            raise InputError(f"dataset item {index} is a {type(item).__name__}, expected a PIL image")
+        return seeded_call(self.augment, item, item_seed(self.seed, self.epoch, index))
+
+
+def collate_views(batch: Sequence[Optional[List[torch.Tensor]]]) -> Optional[List[torch.Tensor]]:
+    """Stack per-item view lists into per-view batches [(B, 3, h, w), …]; ``None`` items are dropped; returns
+    ``None`` when nothing is left."""
+    items = [b for b in batch if b is not None]
+    if not items:
+        return None
+    return [torch.stack([it[v] for it in items]) for v in range(len(items[0]))]
+
+
+class SkipSampler(Sampler):
+    """Yield the indices of ``sampler`` after skipping the first ``skip`` (fast-forward on resume)."""
+
+    def __init__(self, sampler: Sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        return it
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
+# ------------------------------------------------------------------------------------------------ model parts
+def build_pass_models(config: PassConfig) -> Tuple[PASSMultiCrop, PASSMultiCrop]:
+    """Student (drop_path ``config.drop_path_rate``) and teacher (no drop_path, no gradients), with identical
+    initial weights (reference-spec §A.7). Returns (student, teacher)."""
+    layout = CropLayout(n_global=2, n_bands=3, local_per_band=config.local_crops_per_band)
+
+    def make(drop_path: float) -> PASSMultiCrop:
+        backbone = build_part_vit(config.arch, depth=config.depth, image_size=tuple(config.image_size),
+                                  patch_size=config.patch_size, drop_path_rate=drop_path,
+                                  pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
+                                  pass_scale_quirk=config.pass_scale_quirk)
+        return PASSMultiCrop(backbone, layout, out_dim=config.out_dim, hidden_dim=config.hidden_dim,
+                             bottleneck_dim=config.bottleneck_dim, use_bn=config.use_bn_in_head,
+                             norm_last_layer=config.norm_last_layer)
+
+    student = make(config.drop_path_rate)
+    teacher = make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def param_groups(model: nn.Module) -> List[Dict[str, Any]]:
+    """AdamW groups of PASS (reference-spec §A.7): ``regularized`` = trainable tensors with ≥ 2 dims that are not
+    biases (incl. the (1,1,D) tokens and the position table); ``not regularized`` = biases and 1-D tensors
+    (LayerNorm), weight decay 0. Frozen tensors are left out. Each group carries a ``regularized`` flag."""
+    reg, noreg = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (noreg if name.endswith(".bias") or p.ndim == 1 else reg).append(p)
+    return [{"params": reg, "regularized": True}, {"params": noreg, "regularized": False, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float, mode: str = "per-tensor") -> None:
+    """Clip gradients in place (reference-spec §A.7, ``--clip_grad 3.0``).
+
+    * ``'per-tensor'`` (the reference): each tensor's gradient g with L2 norm ‖g‖ is scaled by
+      min(1, max_norm/(‖g‖ + 1e-6)) on its own;
+    * ``'global'``: ``torch.nn.utils.clip_grad_norm_`` over all tensors together;
+    * ``'none'``: nothing (also when ``max_norm`` <= 0).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if mode not in CLIP_MODES:
+        raise InputError(f"clip_mode {mode!r} not in {CLIP_MODES}")
+    if not grads or mode == "none" or max_norm <= 0:
+        return
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
+        return
+    for g in grads:  # no host sync: the scale is a device tensor
+        norm = torch.linalg.vector_norm(g.float())
+        g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(g.dtype))
+
+
+def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_epochs: int) -> None:
+    """Drop (set to None) the gradients of every parameter whose name contains ``last_layer`` while
+    ``epoch < freeze_epochs`` (reference-spec §A.7, ``--freeze_last_layer 1``); AdamW then skips them."""
+    if epoch >= freeze_epochs:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """Teacher ← m·teacher + (1−m)·student over all parameters, matched by name (reference-spec §A.7).
+
+    Raises InputError when the two models' parameter names differ."""
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    if t_params.keys() != s_params.keys():
+        raise InputError("teacher and student parameters differ")
+    names = list(t_params)
+    t_list = [t_params[n].data for n in names]
+    s_list = [s_params[n].detach().data for n in names]
+    torch._foreach_mul_(t_list, momentum)
+    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+def resolve_amp(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None, use a GradScaler) for ``amp`` on ``device``.
+
+    'auto': CUDA → bf16 where supported, else fp16 with a GradScaler; CPU → off. 'bf16' works on CPU and CUDA;
+    'fp16' needs CUDA (InputError otherwise); 'none' → full precision."""
+    if amp not in AMP_MODES:
+        raise InputError(f"amp {amp!r} not in {AMP_MODES}")
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        if not cuda:
+            return None, False
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "none":
+        return None, False
+    if amp == "bf16":
+        return torch.bfloat16, False
+    if not cuda:
+        raise InputError("amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
+    return torch.float16, True
+
+
+class PassTrainer:
+    """Student, teacher, loss, optimiser, scaler and schedules of one PASS run, with :meth:`step`.
+
+    Args:
+        config: :class:`PassConfig`.
+        niter_per_epoch: iterations per epoch (for the per-iteration schedules).
+        device: where the models live.
+        world_size: number of processes (global batch = batch_size × world_size).
+        ddp: wrap the student in DistributedDataParallel (torch.distributed must be initialised).
+    """
+
+    def __init__(self, config: PassConfig, niter_per_epoch: int, device: Union[str, torch.device] = "cpu",
+                 world_size: int = 1, ddp: bool = False):
+        self.config = config.validate()
+        self.device = torch.device(device)
+        self.niter_per_epoch = int(niter_per_epoch)
+        student, teacher = build_pass_models(config)
+        self.student = student.to(self.device)
+        self.teacher = teacher.to(self.device)
+        self.layout = self.student.layout
+        if ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_ddp: nn.Module = nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
+        else:
+            self.student_ddp = self.student
+        self.loss_fn = PASSLoss(config.out_dim, self.layout, config.epochs, config.warmup_teacher_temp,
+                                config.teacher_temp, config.warmup_teacher_temp_epochs, config.student_temp,
+                                config.center_momentum).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.amp_dtype, use_scaler = resolve_amp(config.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.global_batch = config.batch_size * int(world_size)
+        self.schedules = pass_schedules(lr=config.lr, min_lr=config.min_lr, warmup_epochs=config.warmup_epochs,
+                                        weight_decay=config.weight_decay, weight_decay_end=config.weight_decay_end,
+                                        momentum_teacher=config.momentum_teacher, epochs=config.epochs,
+                                        niter_per_epoch=self.niter_per_epoch, global_batch=self.global_batch)
+        self.peak_lr = scaled_lr(config.lr, self.global_batch)
+        self._trainable = [p for p in self.student.parameters() if p.requires_grad]
+
+    def autocast(self):
+        """Autocast context for the configured precision (a no-op context in full precision)."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def step(self, views: Sequence[torch.Tensor], epoch: int, iteration: int) -> Dict[str, float]:
+        """One PASS iteration (reference-spec §A.7): set lr/wd from the schedules at global ``iteration``,
+        teacher on the global views and student on all views, loss (+ centre update), backward, unscale,
+        clip, epoch-0 last-layer freeze, AdamW step, teacher EMA.
+
+        Args:
+            views: ``layout.n_views`` batches (B, 3, h, w) in crop order (any device).
+            epoch: 0-based epoch (teacher temperature, last-layer freeze).
+            iteration: global 0-based iteration (schedules).
+
+        Returns:
+            dict loss, lr, wd, momentum, teacher_temp (floats).
+
+        Raises:
+            FloatingPointError: the loss is not finite (training stops, as in DINO).
+        """
+        cfg = self.config
+        it = min(int(iteration), len(self.schedules["lr"]) - 1)
+        lr, wd, mom = (float(self.schedules[k][it]) for k in ("lr", "wd", "momentum"))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("regularized"):
+                group["weight_decay"] = wd
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        with self.autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(views[:self.layout.n_global])
+            student_out = self.student_ddp(views)
+            loss = self.loss_fn(student_out, teacher_out, epoch)
+        loss_value = float(loss.item())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"PASS loss is {loss_value} at epoch {epoch}, iteration {iteration}; stopping")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip_gradients(self._trainable, cfg.clip_grad, cfg.clip_mode)
+        cancel_last_layer_gradients(self.student, epoch, cfg.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update(self.teacher, self.student, mom)
+        return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": mom,
+                "teacher_temp": self.loss_fn.teacher_temp(epoch)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Student, teacher, optimizer, scaler and loss (centres) states."""
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "loss": self.loss_fn.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ run helpers
+def _rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _setup_distributed(device_pref: str) -> Tuple[torch.device, int, int, bool]:
+    """(device, rank, world_size, created) — under torchrun (WORLD_SIZE > 1) initialises torch.distributed through
+    :mod:`common.distributed` (NCCL on CUDA, gloo on the CPU; one GPU per local rank)."""
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_pref.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device cuda requested but CUDA is not available")
+    created = cdist.is_torchrun() and dist.is_available() and not dist.is_initialized()
+    device = torch.device(cdist.init_distributed(device_pref))
+    return device, cdist.rank(), cdist.world_size(), created
+
+
+def _backbone_meta(config: PassConfig) -> Dict[str, Any]:
+    dims = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[config.arch]
+    return {"arch": config.arch, "embed_dim": dims[0], "num_heads": dims[1], "depth": config.depth,
+            "num_parts": 3, "patch_size": config.patch_size, "image_size": list(config.image_size),
+            "pixel_mean": list(IMAGENET_MEAN), "pixel_std": list(IMAGENET_STD)}
+
+
+def _save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _truncate_metrics(path: Path, keep_below: int) -> None:
+    """Drop metric rows of iterations ≥ ``keep_below`` (logged after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    col = header.index("iteration") if "iteration" in header else None
+    kept = [r for r in body if col is None or (len(r) > col and int(r[col]) < keep_below)]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header] + kept)
+
+
+def _check_resume_config(saved: Dict[str, Any], config: PassConfig) -> None:
+    ours = asdict(config)
+    diff = []
+    for key, value in ours.items():
+        if key in _RESUME_FREE:
+            continue
+        old = saved.get(key)
+        norm = (lambda v: tuple(v) if isinstance(v, (list, tuple)) else v)
+        if norm(old) != norm(value):
+            diff.append(f"{key} {old!r} -> {value!r}")
+    if diff:
+        raise InputError("cannot resume: the run was started with other settings: " + "; ".join(diff))
+
+
+def _make_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency
+    except Exception:  # noqa: BLE001 - tensorboard not installed
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike],
+               resume: Union[bool, str, os.PathLike] = False) -> Path:
+    """Run (or resume) PASS pre-training (reference-spec §A) and return the path of the final checkpoint.
+
+    Args:
+        config: :class:`PassConfig` (paper defaults).
+        dataset: indexable of PIL images (see :class:`MultiCropDataset` for accepted item forms); labels unused.
+        out_dir: run folder; receives ``checkpoint.pth`` (student, teacher, optimizer, scaler, centres, epoch,
+            iteration, RNG states, config), ``metrics.csv`` (one row per iteration: epoch, iteration, loss, lr,
+            wd, momentum, teacher_temp, images_per_s), ``config.json``, TensorBoard logs when ``tensorboard`` is
+            installed, optional ``checkpoint{epoch:04d}.pth`` snapshots and, when training completes and
+            ``config.export_on_finish``, ``teacher_backbone.pth`` (:func:`export_backbone`).
+        resume: ``False`` (a fresh run; the folder must not hold a checkpoint), ``True`` (continue from
+            ``out_dir/checkpoint.pth``, mid-epoch if it was written mid-epoch) or the path of a checkpoint.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each process trains on its shard (DistributedSampler), the student is
+    wrapped in DDP, centres are all-reduced and rank 0 writes the files. Progress (loss, lr, images/s) goes to
+    stderr.
+
+    Returns:
+        ``out_dir/checkpoint.pth``.
+
+    Raises:
+        InputError: bad config, dataset smaller than one global batch, an existing checkpoint without
+            ``resume``, or a checkpoint that does not match the config/dataset/world size.
+        FloatingPointError: non-finite loss.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    device, rank, world, created_pg = _setup_distributed(config.device)
+    try:
+        resume_from: Optional[Path] = None
+        if resume:
+            resume_from = ckpt_path if resume is True else Path(resume)
+            if not resume_from.is_file():
+                raise InputError(f"{resume_from}: no checkpoint to resume from")
+        elif ckpt_path.exists():
+            raise InputError(f"{ckpt_path} exists; resume the run or choose another output folder")
+
+        n_images = len(dataset)
+        sampler = DistributedSampler(range(n_images), num_replicas=world, rank=rank, shuffle=True,
+                                     seed=config.seed, drop_last=False)
+        niter = len(sampler) // config.batch_size
+        if niter < 1:
+            raise InputError(f"the dataset has {n_images} images, fewer than one batch of {config.batch_size} "
+                             f"per process x {world} processes")
+        _seed_everything(config.seed)  # same initial weights on every rank
+        trainer = PassTrainer(config, niter, device, world_size=world, ddp=world > 1)
+        start_epoch, start_iter = 0, 0
+        if resume_from is not None:
+            ckpt = read_checkpoint(resume_from)
+            _check_resume_config(ckpt.get("config", {}), config)
+            if ckpt.get("n_images") != n_images or ckpt.get("world_size") != world:
+                raise InputError(f"cannot resume: checkpoint was made with {ckpt.get('n_images')} images on "
+                                 f"{ckpt.get('world_size')} processes, now {n_images} on {world}")
+            trainer.load_state_dict(ckpt)
+            start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
+            if rank == 0:
+                _set_rng_state(ckpt["rng"])
+            else:
+                _seed_everything(int(item_seed(config.seed, rank, int(ckpt["iteration"]))) % (2 ** 31))
+        else:
+            _seed_everything(config.seed + rank)  # per-rank stochastic depth
+
+        augment = PassMultiCropAugment(global_size=tuple(config.image_size), local_size=tuple(config.local_size),
+                                       global_scale=tuple(config.global_crops_scale),
+                                       local_scale=tuple(config.local_crops_scale),
+                                       local_per_band=config.local_crops_per_band)
+        if augment.layout != trainer.layout:
+            raise InputError(f"augmentation layout {augment.layout} differs from the model's {trainer.layout}")
+        views_ds = MultiCropDataset(dataset, augment, seed=config.seed)
+
+        metrics_path = out_dir / METRICS_NAME
+        writer = None
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out_dir / "config.json") as tmp:
+                tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
+            _truncate_metrics(metrics_path, start_epoch * niter + start_iter)
+            writer = _make_writer(out_dir)
+
+        def checkpoint(epoch_next: int, iter_next: int, path: Path = ckpt_path) -> None:
+            if rank != 0:
+                return
+            payload = trainer.state_dict()
+            payload.update({"epoch": epoch_next, "iter_in_epoch": iter_next,
+                            "iteration": epoch_next * niter + iter_next, "niter_per_epoch": niter,
+                            "n_images": n_images, "world_size": world, "config": asdict(config),
+                            "rng": _rng_state(), META_KEY: _backbone_meta(config)})
+            _save_checkpoint(path, payload)
+
+        from tqdm import tqdm
+
+        fields = ["epoch", "iteration", "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s"]
+        metrics_file = None
+        if rank == 0:
+            new_file = not metrics_path.exists() or metrics_path.stat().st_size == 0
+            metrics_file = open(metrics_path, "a", newline="")
+            csv_writer = csv.writer(metrics_file)
+            if new_file:
+                csv_writer.writerow(fields)
+        stop_at = config.stop_after_iters
+        finished = True
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                skip = start_iter if epoch == start_epoch else 0
+                sampler.set_epoch(epoch)
+                views_ds.set_epoch(epoch)
+                loader = DataLoader(views_ds, batch_size=config.batch_size,
+                                    sampler=SkipSampler(sampler, skip * config.batch_size),
+                                    num_workers=config.num_workers, collate_fn=collate_views, drop_last=True,
+                                    pin_memory=device.type == "cuda",
+                                    generator=torch.Generator().manual_seed(config.seed + epoch))
+                bar = tqdm(total=niter, initial=skip, desc=f"epoch {epoch}", file=sys.stderr,
+                           disable=not (config.progress and rank == 0), dynamic_ncols=True, leave=False)
+                tick = time.perf_counter()
+                rate = None
+                for i, views in enumerate(loader, start=skip):
+                    it = epoch * niter + i
+                    if views is not None:
+                        stats = trainer.step(views, epoch, it)
+                        now = time.perf_counter()
+                        ips = views[0].shape[0] * world / max(now - tick, 1e-9)
+                        tick = now
+                        rate = ips if rate is None else 0.9 * rate + 0.1 * ips
+                        if rank == 0:
+                            csv_writer.writerow([epoch, it, f"{stats['loss']:.6f}", f"{stats['lr']:.6e}",
+                                                 f"{stats['wd']:.6f}", f"{stats['momentum']:.6f}",
+                                                 f"{stats['teacher_temp']:.4f}", f"{ips:.2f}"])
+                            metrics_file.flush()
+                            if writer is not None:
+                                for key in ("loss", "lr", "wd", "momentum"):
+                                    writer.add_scalar(f"train/{key}", stats[key], it)
+                                writer.add_scalar("train/images_per_s", ips, it)
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                                        img_s=f"{rate:.1f}")
+                    bar.update(1)
+                    done = it + 1
+                    if i + 1 == niter:
+                        break
+                    if stop_at is not None and done >= stop_at:
+                        checkpoint(epoch, i + 1)
+                        finished = False
+                        break
+                    if config.checkpoint_every and done % config.checkpoint_every == 0:
+                        checkpoint(epoch, i + 1)
+                bar.close()
+                if not finished:
+                    break
+                checkpoint(epoch + 1, 0)
+                if config.snapshot_every and (epoch + 1) % config.snapshot_every == 0:
+                    checkpoint(epoch + 1, 0, out_dir / f"checkpoint{epoch + 1:04d}.pth")
+                start_iter = 0
+                if stop_at is not None and (epoch + 1) * niter >= stop_at and epoch + 1 < config.epochs:
+                    finished = False
+                    break
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+            if writer is not None:
+                writer.close()
+        if rank == 0 and finished and config.export_on_finish and ckpt_path.exists():
+            export_backbone(ckpt_path, out_dir / BACKBONE_NAME)
+        cdist.barrier()
+        return ckpt_path
+    finally:
+        if created_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def export_backbone(run_or_ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Path:
+    """Write the TEACHER backbone of a PASS run alone, in the official PASS key layout (reference-spec §A.9,
+    like PASS/convert_model_dino.py), plus our metadata (arch, image size, pixel mean/std, epoch, iteration),
+    atomically (:func:`common.models.vit.save_backbone`).
+
+    Args:
+        run_or_ckpt: a run folder (its ``checkpoint.pth`` is used) or a checkpoint file holding ``teacher``.
+        out: destination file.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        InputError: no checkpoint, or it holds no teacher backbone.
+    """
+    src = Path(run_or_ckpt)
+    if src.is_dir():
+        src = src / CHECKPOINT_NAME
+    ckpt = read_checkpoint(src)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("teacher"), dict):
+        raise InputError(f"{src}: not a PASS training checkpoint (no 'teacher' entry)")
+    state = {}
+    for key, value in ckpt["teacher"].items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.startswith("backbone."):
+            state[key[len("backbone."):]] = value
+    if not state:
+        raise InputError(f"{src}: the teacher holds no backbone.* tensors")
+    meta = dict(ckpt.get(META_KEY) or {})
+    meta.update({"source": "pass-pretrain teacher", "epoch": ckpt.get("epoch"), "iteration": ckpt.get("iteration")})
+    return save_backbone(state, out, meta)
