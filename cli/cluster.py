@@ -40,9 +40,12 @@ Examples:
               show_default=True, help="Exact faiss search, or HNSW for very large sets.")
 @click.option("--sweep-eps", default=None, help="START:STOP:STEP: print the clustering table for every eps "
                                                "(one distance graph reused); labels are written for --eps.")
+@click.option("--plot-clusters", type=click.Path(dir_okay=False), default=None,
+              help="Draw one row of crops per discovered identity (PNG), to judge the clusters by eye.")
 @common_options
 @guarded
-def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_eps, device, seed, verbose, debug):
+def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_eps, plot_clusters, device, seed,
+         verbose, debug):
     """Cluster FEATURES (a features file; path from stdin when omitted or '-') into pseudo-labels.
 
     Writes a labels file (outliers = -1, plus the kNN lists for refine-labels) and prints its path on
@@ -55,4 +58,8 @@ def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_
                                          min_samples=min_samples, convention=convention, knn=knn_method,
                                          sweep=parse_sweep(sweep_eps), device=device)
     click.echo(report, err=True)
+    if plot_clusters:
+        from common.pipeline import plot_clusters_file
+
+        click.echo(f"clusters picture: {plot_clusters_file(path, plot_clusters)}", err=True)
     emit_output(path)

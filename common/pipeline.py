@@ -178,3 +178,16 @@ def evaluate_checkpoint(checkpoint: str, spec: str, *, fusion: str = "auto", nec
 
         shutil.rmtree(work, ignore_errors=True)
     return metrics
+
+
+def plot_clusters_file(labels_path, out_png, max_clusters: int = 16, per_row: int = 12) -> Path:
+    """``clusters.png`` of a labels file: one row of crops per discovered identity (see
+    :func:`common.visualize.save_cluster_grid`); true pids, when known, colour the frames."""
+    from common.h5io import features_for_labels, read_labels
+    from common.visualize import save_cluster_grid
+
+    labels = read_labels(labels_path)
+    feats = features_for_labels(labels, parts=False)
+    pids = labels.pid if (labels.pid >= 0).any() else None
+    return save_cluster_grid(image_refs(feats.attrs, labels.path), labels.labels, out_png,
+                             max_clusters=max_clusters, per_row=per_row, pids=pids)

@@ -176,3 +176,62 @@ def save_ranked_lists(query_images: Sequence[ImageLike], gallery_images: Sequenc
             canvas.save(tmp, format="PNG")
         written.append(dest)
     return written
+
+
+def save_cluster_grid(images: Sequence[ImageLike], labels, out, *, max_clusters: int = 16, per_row: int = 12,
+                      open_image: Callable[[str], Image.Image] = _default_open, tile_size: Tuple[int, int] = (48, 96),
+                      seed: int = 0, pids=None) -> Path:
+    """Draw one row per discovered identity (pseudo-label), showing up to ``per_row`` of its crops.
+
+    So a person can judge the clusters by eye. The largest clusters come first; each row is captioned with the
+    label and its size. When ``pids`` are given, a crop whose pid differs from its cluster's majority pid gets a
+    red frame (else green); without pids all frames are grey.
+
+    Args:
+        images: per row of the labels file, a path/key (opened with ``open_image``), a PIL image or a callable.
+        labels: int (N,) pseudo-labels, -1 = outlier (outliers are not drawn).
+        out: PNG to write (atomically).
+        max_clusters: rows drawn; per_row: crops per row (sampled with ``seed`` when a cluster is larger).
+        tile_size: (width, height) of a crop cell in pixels.
+        pids: optional int (N,) true ids.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        InputError: lengths differ, or no cluster to draw.
+    """
+    labels = np.asarray(labels)
+    if len(images) != len(labels):
+        raise InputError(f"cluster grid: {len(images)} images but {len(labels)} labels")
+    clustered = labels[labels >= 0]
+    if clustered.size == 0:
+        raise InputError("cluster grid: every sample is an outlier, nothing to draw")
+    ids, sizes = np.unique(clustered, return_counts=True)
+    order = ids[np.argsort(-sizes, kind="stable")][:max_clusters]
+    rng = np.random.default_rng(seed)
+    w, h = tile_size
+    caption_w, border, gap = 90, 2, 4
+    width = caption_w + per_row * (w + gap) + gap
+    height = len(order) * (h + gap) + gap
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, lab in enumerate(order):
+        members = np.nonzero(labels == lab)[0]
+        shown = np.sort(rng.choice(members, size=min(per_row, members.size), replace=False))
+        y = gap + r * (h + gap)
+        draw.text((gap, y + h // 2 - 12), f"id {int(lab)}", fill=(0, 0, 0))
+        draw.text((gap, y + h // 2), f"{members.size} crops", fill=(90, 90, 90))
+        majority = None
+        if pids is not None:
+            vals, counts = np.unique(np.asarray(pids)[members], return_counts=True)
+            majority = vals[np.argmax(counts)]
+        for c, i in enumerate(shown):
+            color = (160, 160, 160) if majority is None else (
+                (40, 170, 60) if np.asarray(pids)[i] == majority else (220, 40, 40))
+            x = caption_w + gap + c * (w + gap)
+            _draw_cell(canvas, draw, (x, y, x + w, y + h), _load(images[i], open_image), color, border, "")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")
+    return out

@@ -419,7 +419,7 @@ class _Run:
             terms["loss"] = loss.detach()
             terms["prec"] = torch.tensor(L.batch_precision(out["logits_global"].detach(), y))
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             seen += 1
             if cfg.progress and self.rank == 0 and (it % max(cfg.log_every, 1) == 0 or it == len(sampler) - 1):
                 rate = seen * len(idx) * self.world / max(time.time() - t0, 1e-9)
@@ -541,6 +541,9 @@ def finetune(cfg: FinetuneConfig, out_dir, plot: bool = False) -> Path:
     import json
 
     out = Path(out_dir)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2 ** 32)
+    torch.manual_seed(cfg.seed)
     run = _Run(cfg, out)
     if cfg.resume:
         run.load()
