@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import sys
 import traceback
 from typing import Callable, Optional
@@ -78,14 +77,10 @@ def resolve_device(device: str) -> str:
 
 def seed_everything(seed: Optional[int]) -> None:
     """Seed Python, NumPy and torch RNGs (no-op for None)."""
-    if seed is None:
-        return
-    import numpy as np
-    import torch
+    if seed is not None:
+        from common.rng import seed_everything as seed_all
 
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
+        seed_all(seed)
 
 
 def common_options(func: Callable) -> Callable:
@@ -111,7 +106,7 @@ def guarded(func: Callable) -> Callable:
         except InputError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(EXIT_INPUT)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
@@ -129,6 +124,22 @@ def guarded(func: Callable) -> Callable:
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line.
+
+    An InputError raised inside a DataLoader worker comes back wrapped ("Caught InputError in DataLoader worker
+    process 0. Original Traceback ..."); the original one-line message is its last line.
+    """
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    marker = f"{type(exc).__module__}.{type(exc).__name__}: "
+    for line in reversed(text.splitlines()):
+        if line.startswith(marker):
+            return line[len(marker):]
+    return text.splitlines()[0]
 
 
 def not_implemented(name: str) -> None:

@@ -59,13 +59,16 @@ Examples:
 @click.option("--stop-after-iters", type=int, default=None, help="Stop (with a checkpoint) after N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (mid-epoch).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--refresh-index", is_flag=True, help="Re-list an unlabelled image tree instead of using its cached "
+                                                    "file index (after adding images deep inside it).")
+@click.option("--strict", is_flag=True, help="Fail on an unreadable image instead of skipping it.")
 @common_options
 @click.pass_context
 @guarded
 def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, image_size, local_size,
          local_crops_per_band, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
          clip_grad, clip_mode, freeze_last_layer, drop_path, depth, amp, workers, checkpoint_every, stop_after_iters,
-         resume, quiet, device, seed, verbose, debug):
+         resume, quiet, refresh_index, strict, device, seed, verbose, debug):
     """PASS pre-training: DINO self-distillation of a ViT with three [PART] tokens, one per horizontal band.
 
     Paper defaults (ViT-S: 100 epochs, batch 128/GPU, AdamW lr 5e-4 x batch/256, 10 warm-up epochs, 2 global
@@ -91,7 +94,7 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
                         momentum_teacher=momentum_teacher, clip_grad=clip_grad, clip_mode=clip_mode,
                         freeze_last_layer=freeze_last_layer, amp=amp, seed=seed, num_workers=workers, device=device,
                         checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet)
-    ds = load_dataset(spec)
+    ds = load_dataset(spec, refresh=refresh_index, strict=strict)
     frame = ds.split("train") if "train" in set(ds.frame["split"]) else ds.frame
     ckpt = train_pass(config, ImageDataset(ds, frame.reset_index(drop=True), transform=None), out, resume=resume)
     from common.distributed import is_main_process

@@ -187,11 +187,11 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
 
     global_batch = batch_size * world
     n = len(frame)
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=n, initial=start, unit="img", desc=f"extract {split or ''}".strip(),
-                   disable=not progress or rank != 0, leave=False)
+    bar = tqdm(total=n, initial=start, unit="img", desc=f"extract {split or ''}".strip(),
+               disable=not progress or rank != 0, leave=False)
+    try:
         for chunk_start in range(start, n, global_batch * 16):
             chunk_stop = min(n, chunk_start + global_batch * 16)
             # this rank's rows of each global batch, in order
@@ -221,6 +221,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
             return writer.finish()
         return Path(out)
     except BaseException:
+        bar.close()
         if writer is not None:
             writer.close()
         raise

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import common.distributed as cdist
 from common.errors import InputError
+from common.rng import rng_state, seed_everything, set_rng_state
 from common.fileio import atomic_path
 from common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
 from pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
@@ -440,27 +440,6 @@ class PassTrainer:
 
 
 # ------------------------------------------------------------------------------------------------ run helpers
-def _rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
 def _setup_distributed(device_pref: str) -> Tuple[torch.device, int, int, bool]:
     """(device, rank, world_size, created) — under torchrun (WORLD_SIZE > 1) initialises torch.distributed through
     :mod:`common.distributed` (NCCL on CUDA, gloo on the CPU; one GPU per local rank)."""
@@ -570,7 +549,7 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
         if niter < 1:
             raise InputError(f"the dataset has {n_images} images, fewer than one batch of {config.batch_size} "
                              f"per process x {world} processes")
-        _seed_everything(config.seed)  # same initial weights on every rank
+        seed_everything(config.seed)  # same initial weights on every rank
         trainer = PassTrainer(config, niter, device, world_size=world, ddp=world > 1)
         start_epoch, start_iter = 0, 0
         if resume_from is not None:
@@ -582,11 +561,11 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
             trainer.load_state_dict(ckpt)
             start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
             if rank == 0:
-                _set_rng_state(ckpt["rng"])
+                set_rng_state(ckpt["rng"])
             else:
-                _seed_everything(int(item_seed(config.seed, rank, int(ckpt["iteration"]))) % (2 ** 31))
+                seed_everything(int(item_seed(config.seed, rank, int(ckpt["iteration"]))) % (2 ** 31))
         else:
-            _seed_everything(config.seed + rank)  # per-rank stochastic depth
+            seed_everything(config.seed + rank)  # per-rank stochastic depth
 
         augment = PassMultiCropAugment(global_size=tuple(config.image_size), local_size=tuple(config.local_size),
                                        global_scale=tuple(config.global_crops_scale),
@@ -612,7 +591,7 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
             payload.update({"epoch": epoch_next, "iter_in_epoch": iter_next,
                             "iteration": epoch_next * niter + iter_next, "niter_per_epoch": niter,
                             "n_images": n_images, "world_size": world, "config": asdict(config),
-                            "rng": _rng_state(), META_KEY: _backbone_meta(config)})
+                            "rng": rng_state(), META_KEY: _backbone_meta(config)})
             _save_checkpoint(path, payload)
 
         from tqdm import tqdm

@@ -112,9 +112,13 @@ class PKSampler(Sampler):
         # a pass holds exactly K indices per multi-image id and 1 per single-image id
         n_multi = sum(len(ix) > 1 for ix, _ in self._groups)
         min_pass = n_multi * self.num_instances + (len(self._groups) - n_multi)
-        if min_pass < self.batch_size:
+        if min_pass < self.batch_size and self.num_iters is None:
             raise InputError(f"{len(self._groups)} pseudo-ids give {min_pass} images per pass, fewer than one "
                              f"batch of {self.batch_size}; lower the batch size or cluster more images")
+        # With fewer images per pass than one batch (few clusters, e.g. small data or an early epoch), the
+        # reference's IterLoader would never yield a batch; here successive passes are concatenated until a batch
+        # fills, so an id may then appear twice in one batch.
+        self._passes_per_chunk = max(1, -(-self.batch_size // max(min_pass, 1)))
         self._pass_len = min_pass
 
     @property
@@ -140,13 +144,13 @@ class PKSampler(Sampler):
         epoch = self.epoch if epoch is None else int(epoch)
         done, p = 0, 0
         while True:
-            idx = self.pass_indices(epoch, p)
+            idx = np.concatenate([self.pass_indices(epoch, p + j) for j in range(self._passes_per_chunk)])
             for s in range(0, len(idx) - self.batch_size + 1, self.batch_size):
                 if self.num_iters is not None and done >= self.num_iters:
                     return
                 yield idx[s:s + self.batch_size]
                 done += 1
-            p += 1
+            p += self._passes_per_chunk
             if self.num_iters is None:
                 return
 

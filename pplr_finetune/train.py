@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader
 from common import distributed as dist
 from common.errors import InputError
 from common.fileio import atomic_path
+from common.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("partreid.finetune")
 
@@ -149,19 +149,6 @@ def train_transform(image_size, mean, std):
         T.Normalize(list(mean), list(std)),
         T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=[0.485, 0.456, 0.406]),
     ])
-
-
-def _rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
@@ -273,7 +260,7 @@ class _Run:
             return
         state = {"format": "partreid.finetune_state", "epoch": epoch + 1, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": _rng_state(), "labels": self.current_labels,
+                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "labels": self.current_labels,
                  "history": self.history, "config": dataclasses.asdict(self.cfg),
                  "active_classes": int(self.model.active_classes),
                  "capacity": self.model.classifier_capacity}
@@ -298,7 +285,7 @@ class _Run:
         self.start_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.current_labels = state["labels"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log.info("resumed %s after epoch %d", self.state_path, self.start_epoch)
         return True
 
@@ -541,9 +528,7 @@ def finetune(cfg: FinetuneConfig, out_dir, plot: bool = False) -> Path:
     import json
 
     out = Path(out_dir)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2 ** 32)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     run = _Run(cfg, out)
     if cfg.resume:
         run.load()

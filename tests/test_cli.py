@@ -36,3 +36,33 @@ def test_missing_stdin_is_a_usage_error():
 def test_bad_option_exits_2():
     proc = subprocess.run([script("inspect-data"), "--device", "tpu", "x"], capture_output=True, text=True)
     assert proc.returncode == 2
+
+
+def test_worker_wrapped_input_error_is_one_line():
+    from cli._common import one_line
+    from common.errors import InputError
+
+    wrapped = InputError("Caught InputError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1\ncommon.errors.InputError: /d/a.jpg: cannot identify image")
+    assert one_line(wrapped) == "/d/a.jpg: cannot identify image"
+    assert one_line(InputError("plain")) == "plain"
+
+
+def test_strict_unreadable_image_exits_2_with_one_line(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (32, 64), (i * 60, 0, 0)).save(tmp_path / f"0001_c1_{i:04d}.jpg")
+    (tmp_path / "0002_c2_0000.jpg").write_bytes(b"not a jpeg")
+    base = [script("extract-features"), "-c", "random:vit_tiny", "-d", f"folder:{tmp_path}", "--image-size", "64x32",
+            "--device", "cpu", "--workers", "1", "--out"]
+    proc = subprocess.run(base + [str(tmp_path / "s.h5"), "--strict"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "0002_c2_0000.jpg" in last and "Traceback" not in proc.stderr
+    ok = subprocess.run(base + [str(tmp_path / "ok.h5")], capture_output=True, text=True)  # default: skip + count
+    assert ok.returncode == 0, ok.stderr[-1500:]
+    from common.h5io import read_features
+
+    f = read_features(tmp_path / "ok.h5")
+    assert len(f) == 3 and f.attrs["num_skipped"] == 1 and "0002_c2_0000.jpg" in ok.stderr

@@ -108,5 +108,21 @@ def test_sampler_input_errors():
         PKSampler([-1, -1], [0, 0])
     with pytest.raises(InputError):
         PKSampler([0, 0, 1], [0, 0])
-    with pytest.raises(InputError):  # 2 ids x 4 = 8 images per pass < one batch of 64
-        PKSampler([0, 0, 1, 1], [0, 1, 0, 1])
+    with pytest.raises(InputError):  # one pass only (num_iters=None): 2 ids x 4 = 8 images < one batch of 64
+        PKSampler([0, 0, 1, 1], [0, 1, 0, 1], num_iters=None)
+
+
+def test_passes_shorter_than_a_batch_are_concatenated():
+    """3 pseudo-ids × 4 images = 12 images per pass < a batch of 32: passes are chained to fill batches."""
+    from pplr_finetune.sampler import PKSampler
+
+    labels = np.repeat(np.arange(3), 4)
+    camids = np.tile([0, 1], 6)
+    sampler = PKSampler(labels, camids, num_instances=4, batch_size=32, num_iters=5, seed=0)
+    batches = list(sampler)
+    assert len(batches) == 5 and all(len(b) == 32 for b in batches)
+    for b in batches:
+        assert set(labels[b]) == {0, 1, 2}
+        # each K-run of 4 consecutive indices is one id (P×K structure kept)
+        runs = np.asarray(b).reshape(-1, 4)
+        assert all(len(set(labels[r])) == 1 for r in runs)
