@@ -10,29 +10,38 @@ BIN=${BIN:-.venv/bin}
 export PATH="$BIN:$PATH"
 SAMPLE="luperson:data/sample/vtest"   # an unlabelled JPEG tree
 TRAIN_SPEC=${DATA:-$SAMPLE}
-EPOCHS_PRE=${EPOCHS_PRE:-4}
+EPOCHS_PRE=${EPOCHS_PRE:-3}
 EPOCHS_FT=${EPOCHS_FT:-2}
+SIZE=${SIZE:-64x32}   # CPU-sized input; the papers use 256x128 (PASS) and 384x128 (PPLR ResNet-50)
+# 300 crops is a tiny target set: a smaller k1 and eps than PPLR's Market setting (k1 30, eps 0.5-0.6) keep
+# the clusters to single walkers (`cluster --sweep-eps 0.3:0.6:0.05` shows the trade-off).
+K1=${K1:-15}
+EPS=${EPS:-0.5}
+EVAL_EVERY=0
+[ -n "$DATA" ] && EVAL_EVERY=$EPOCHS_FT
 mkdir -p "$OUT"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 start=$(date +%s)
 
-step "1/5 pass-pretrain: vit_tiny, $EPOCHS_PRE epochs on $TRAIN_SPEC"
-pass-pretrain --data "$TRAIN_SPEC" --arch vit_tiny --epochs "$EPOCHS_PRE" --batch-size 32 --out-dim 4096 \
-    --warmup-epochs 1 --image-size 128x64 --out "$OUT/pretrain" --device cpu >/dev/null
+step "1/5 pass-pretrain: vit_tiny, $EPOCHS_PRE epochs at $SIZE on $TRAIN_SPEC"
+rm -rf "$OUT/pretrain"
+pass-pretrain --data "$TRAIN_SPEC" --arch vit_tiny --epochs "$EPOCHS_PRE" --batch-size 32 --out-dim 1024 \
+    --warmup-epochs 1 --image-size "$SIZE" --workers 2 --out "$OUT/pretrain" --device cpu >/dev/null
 pass-pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" >/dev/null
 
 step "2/5 extract-features | cluster | refine-labels (a real shell pipeline)"
 extract-features --checkpoint "$OUT/backbone.pth" --data "$TRAIN_SPEC" --out "$OUT/features.h5" --device cpu \
-  | cluster --out "$OUT/labels.h5" --eps 0.6 --min-samples 4 \
+  | cluster --out "$OUT/labels.h5" --k1 "$K1" --eps "$EPS" --min-samples 4 \
   | refine-labels --out "$OUT/refined.h5" --plot "$OUT/agreement.png" >/dev/null
 
 step "3/5 finetune: PPLR, $EPOCHS_FT epochs"
+rm -rf "$OUT/finetune"
 finetune --checkpoint "$OUT/backbone.pth" --data "$TRAIN_SPEC" --epochs "$EPOCHS_FT" --iters 20 --batch-size 32 \
-    --eval-every 0 --out "$OUT/finetune" --device cpu --plot >/dev/null
+    --lr 1e-4 --k1 "$K1" --eps "$EPS" --eval-every "$EVAL_EVERY" --out "$OUT/finetune" --device cpu --plot >/dev/null
 
 step "4/5 final cluster with the fine-tuned model"
 extract-features --checkpoint "$OUT/finetune/last.pth" --data "$TRAIN_SPEC" --out "$OUT/final_features.h5" --device cpu \
-  | cluster --out "$OUT/final_labels.h5" --eps 0.6 --plot-clusters "$OUT/clusters.png" >/dev/null
+  | cluster --out "$OUT/final_labels.h5" --k1 "$K1" --eps "$EPS" --plot-clusters "$OUT/clusters.png" >/dev/null
 
 if [ -n "$DATA" ]; then
   step "5/5 evaluate on the query/gallery of $DATA"
