@@ -241,3 +241,20 @@ def test_multicrop_wrapper_routing():
         PASSMultiCrop(build_part_vit("vit_tiny", depth=1, num_parts=2), layout, out_dim=4, hidden_dim=4,
                       bottleneck_dim=4)
     assert math.isclose(model.heads[0].last_layer.parametrizations.weight.original0.abs().max().item(), 1.0)
+
+
+def test_set_drop_path_linear_rates():
+    from timm.layers import DropPath
+
+    from common.models.vit import PartViT
+
+    m = PartViT("vit_tiny", depth=4, image_size=(64, 32))
+    m.set_drop_path(0.3)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert isinstance(m.blocks[3].drop_path2, DropPath)
+    m.eval()
+    x = torch.randn(2, 3, 64, 32)
+    g1, _ = m(x)
+    g2, _ = m(x)
+    assert torch.equal(g1, g2)  # stochastic depth is off in eval mode

@@ -182,6 +182,16 @@ class PartViT(nn.Module):
         """Position vector of [PART] token ``k`` (1-based), shape (1, 1, D)."""
         return getattr(self, f"part{k}_pos")
 
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth after construction (e.g. 0.3 for PASS's USL fine-tuning, §B.2): block i gets
+        ``rate·i/(depth-1)``, as at construction. Uses timm's ``DropPath``."""
+        from timm.layers import DropPath
+
+        self.drop_path_rate = float(rate)
+        for r, block in zip(torch.linspace(0, rate, self.depth).tolist(), self.blocks):
+            block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+            block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+
     def grid_pos(self, grid: Tuple[int, int]) -> torch.Tensor:
         """Patch position table resized (bicubic, §A.2) to ``grid`` = (H/patch, W/patch); (1, h·w, D)."""
         return resize_pos_grid(self.pos_embed, self.grid, grid, mode="bicubic",
