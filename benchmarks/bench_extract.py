@@ -29,7 +29,8 @@ def main():
     args = ap.parse_args()
 
     from common.datasets import load_dataset
-    from common.extract import FeatureOptions, compute_batch, extract_to_file, _autocast
+    from common.distributed import autocast
+    from common.extract import FeatureOptions, compute_batch, extract_to_file
     from common.models.loader import load_model
 
     shared = REPO.parent / "shared" / "data" / "cuhk01"
@@ -43,7 +44,7 @@ def main():
     n = len(frame)
     x = torch.randn(args.batch_size, 3, *loaded.image_size, device=args.device)
 
-    with _autocast(args.device):
+    with autocast(args.device):
         compute_batch(loaded, x, opts)  # warm-up
         t0 = time.perf_counter()
         done = 0

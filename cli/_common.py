@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import click
 
 from common import __version__
+from common.distributed import resolve_device  # noqa: F401 - the commands import it from here
 from common.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -58,21 +59,6 @@ def emit_output(path) -> None:
     """Print the output file's path on stdout (the only stdout line a command writes)."""
     click.echo(str(path))
     sys.stdout.flush()
-
-
-def resolve_device(device: str) -> str:
-    """Map ``auto|cpu|cuda`` to a torch device string.
-
-    Raises:
-        InputError: ``cuda`` requested but no CUDA device is available.
-    """
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA device is available")
-    return device
 
 
 def seed_everything(seed: Optional[int]) -> None:

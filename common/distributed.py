@@ -1,10 +1,41 @@
-"""Distributed helpers for runs under ``torchrun`` (DDP). Without torchrun everything is a single process."""
+"""Device and process helpers: which device and mixed-precision type to use, and runs under ``torchrun``
+(DDP). Without torchrun everything is a single process."""
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
+
+from common.errors import InputError
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto|cpu|cuda[:i]`` to a torch device string (``auto``: CUDA when available, else CPU).
+
+    Raises:
+        InputError: CUDA requested but no CUDA device is available.
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA device is available")
+    return device
+
+
+def amp_dtype(device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``device``: bf16 on CUDA where supported, else fp16 (then a GradScaler is needed);
+    None (full precision) on the CPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device):
+    """``torch.autocast`` context for :func:`amp_dtype` (disabled on the CPU)."""
+    dtype = amp_dtype(device)
+    return torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
 
 
 def is_torchrun() -> bool:

@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader, Subset
 
 from common.errors import InputError
 from common.h5io import FeaturesWriter
+from common.distributed import autocast, rank as dist_rank, world_size as dist_world_size
 from common.models.loader import LoadedModel
+from common.models.reid import fuse_features
 
 log = logging.getLogger("partreid.extract")
-FUSIONS = ("cls", "cat", "mean")
 
 
 def eval_transform(image_size: Tuple[int, int], mean: Sequence[float], std: Sequence[float],
@@ -46,22 +47,6 @@ def eval_transform(image_size: Tuple[int, int], mean: Sequence[float], std: Sequ
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
     return T.Compose([T.Resize(tuple(image_size), interpolation=interp), T.ToTensor(),
                       T.Normalize(mean=list(mean), std=list(std))])
-
-
-def fuse(g: torch.Tensor, parts: torch.Tensor, fusion: str) -> torch.Tensor:
-    """Global feature from the [CLS]/GAP output ``g`` (B, D) and part outputs ``parts`` (B, P, D).
-
-    ``'cls'`` → g (B, D); ``'cat'`` → [g ; mean_p parts] (B, 2D); ``'mean'`` → (g + mean_p parts)/2 (B, D)
-    (reference-spec §A.9 "Feature fusion").
-    """
-    if fusion == "cls":
-        return g
-    fp = parts.mean(dim=1)
-    if fusion == "cat":
-        return torch.cat([g, fp], dim=1)
-    if fusion == "mean":
-        return (g + fp) / 2
-    raise InputError(f"unknown fusion {fusion!r} (expected one of {', '.join(FUSIONS)})")
 
 
 @dataclass
@@ -94,7 +79,7 @@ def compute_batch(loaded: LoadedModel, images: torch.Tensor, opts: FeatureOption
             g, p = loaded.model.extract(x, neck=opts.neck)
         else:
             g, p = loaded.model(x)
-            g = fuse(g, p, opts.fusion)
+            g = fuse_features(g, p, opts.fusion)
         return g.float(), p.float()
 
     g, p = once(images)
@@ -105,19 +90,6 @@ def compute_batch(loaded: LoadedModel, images: torch.Tensor, opts: FeatureOption
         g = F.normalize(g, dim=1)
         p = F.normalize(p, dim=2)
     return g.cpu(), (p.cpu() if opts.parts else None)
-
-
-def _autocast(device: str):
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _dist_info() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opts: Optional[FeatureOptions] = None,
@@ -154,13 +126,13 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
     if len(frame) == 0:
         raise InputError(f"{getattr(ds, 'spec', ds)}: no images in split {split or 'all'!r}")
     model = loaded.model.to(device).eval()
-    rank, world = _dist_info()
+    rank, world = dist_rank(), dist_world_size()
     transform = eval_transform(loaded.image_size, loaded.pixel_mean, loaded.pixel_std, interpolation)
     images = ImageDataset(ds, frame, transform, strict=strict)
 
     # probe shapes on one synthetic batch (cheap) to size the file's datasets
     probe = torch.zeros(1, 3, *loaded.image_size, device=device)
-    with _autocast(device):
+    with autocast(device):
         g0, p0 = compute_batch(loaded, probe, opts)
     attrs = {
         "normalized": bool(opts.normalize), "dataset": getattr(ds, "spec", ""), "dataset_root": str(ds.root),
@@ -202,7 +174,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
             rows_g, rows_p, got = [], [], []
             for batch_images, idx in loader:
                 if len(idx):
-                    with _autocast(device):
+                    with autocast(device):
                         g, p = compute_batch(loaded, batch_images.to(device, non_blocking=True), opts)
                     rows_g.append(g.numpy())
                     rows_p.append(None if p is None else p.numpy())
@@ -273,12 +245,11 @@ def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOpti
                             disable=not progress, desc="extract"):
         if len(idx) == 0:
             continue
-        with _autocast(device):
+        with autocast(device):
             g, p = compute_batch(loaded, images.to(device), opts)
         gs.append(g.numpy())
         ps.append(None if p is None else p.numpy())
         ids.append(idx.numpy())
-    model.train(False)
     if not gs:
         raise InputError("no readable images to extract")
     parts = np.concatenate(ps) if ps[0] is not None else None

@@ -28,6 +28,11 @@ from PIL import Image
 
 from common.errors import InputError
 
+#: ImageNet pixel mean and std (RGB, 0-1 scale): PASS pre-training and PPLR normalise with these
+#: (reference-spec §A.3, §C.5); the downstream PASS recipes use 0.5/0.5 instead.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 

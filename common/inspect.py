@@ -12,33 +12,35 @@ from common.errors import InputError
 from common.h5io import FEATURES_FORMAT, LABELS_FORMAT, read_features, read_labels
 
 
-def cluster_size_histogram(labels: np.ndarray, width: int = 40) -> str:
-    """Text histogram of cluster sizes in power-of-two bins (1, 2-3, 4-7, ...), outliers listed apart.
+_SIZE_BINS = [(1, 1), (2, 3), (4, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 500),
+              (501, 1000), (1001, None)]
+
+
+def size_histogram(labels, width: int = 40) -> str:
+    """Text histogram of cluster sizes (number of clusters per size bin, plus the outlier count).
 
     Args:
-        labels: int (N,) pseudo-labels, -1 = outlier.
-        width: characters of the longest bar.
+        labels: int (N,) cluster labels, -1 = outlier. width: longest bar in characters.
 
     Returns:
-        A multi-line string, one line per bin: ``size range | #clusters | bar``.
+        A multi-line string, e.g. ``"   4-5   | ####        120"``.
     """
-    labels = np.asarray(labels)
-    clustered = labels[labels >= 0]
-    lines = [f"clusters: {np.unique(clustered).size}   clustered images: {clustered.size}   "
-             f"outliers: {int((labels < 0).sum())}"]
-    if clustered.size == 0:
-        return "\n".join(lines)
-    sizes = np.bincount(clustered)
+    labels = np.asarray(labels, np.int64)
+    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
     sizes = sizes[sizes > 0]
-    top = int(np.floor(np.log2(sizes.max()))) + 1
-    counts = np.bincount(np.floor(np.log2(sizes)).astype(int), minlength=top)
-    peak = max(int(counts.max()), 1)
-    lines.append("  size      clusters")
-    for b, c in enumerate(counts):
-        lo, hi = 2 ** b, 2 ** (b + 1) - 1
-        label = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        lines.append(f"  {label:>9} {int(c):>8}  {'#' * int(round(width * c / peak))}")
-    lines.append(f"  largest cluster: {int(sizes.max())}   median size: {float(np.median(sizes)):g}")
+    counts = []
+    for lo, hi in _SIZE_BINS:
+        sel = (sizes >= lo) if hi is None else ((sizes >= lo) & (sizes <= hi))
+        counts.append(int(sel.sum()))
+    top = max(counts + [1])
+    lines = ["cluster size | clusters"]
+    for (lo, hi), c in zip(_SIZE_BINS, counts):
+        if c == 0:
+            continue
+        name = f"{lo}" if hi == lo else (f">{lo - 1}" if hi is None else f"{lo}-{hi}")
+        bar = "#" * max(1, int(round(width * c / top)))
+        lines.append(f"{name:>12} | {bar} {c}")
+    lines.append(f"{'outliers':>12} | {int((labels < 0).sum())} samples")
     return "\n".join(lines)
 
 
@@ -76,7 +78,10 @@ def describe_labels(path) -> str:
             col = a[:, j]
             lines.append(f"    part {j + 1}: mean {col.mean():.3f}  median {np.median(col):.3f}  "
                          f"min {col.min():.3f}  max {col.max():.3f}")
-    lines.append(cluster_size_histogram(lab.labels))
+    labels = lab.labels
+    lines.append(f"  clusters: {lab.num_clusters}   clustered images: {int((labels >= 0).sum())}   "
+                 f"outliers: {int((labels < 0).sum())}")
+    lines.append(size_histogram(labels))
     lines.append("attributes:")
     lines += _attrs_block(lab.attrs)
     return "\n".join(lines)

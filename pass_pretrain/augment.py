@@ -22,9 +22,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from common.errors import InputError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -316,9 +316,8 @@ def resolve_amp(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], 
         raise InputError(f"amp {amp!r} not in {AMP_MODES}")
     cuda = device.type == "cuda"
     if amp == "auto":
-        if not cuda:
-            return None, False
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        dtype = cdist.amp_dtype(device.type)
+        return dtype, dtype == torch.float16
     if amp == "none":
         return None, False
     if amp == "bf16":
@@ -443,10 +442,7 @@ class PassTrainer:
 def _setup_distributed(device_pref: str) -> Tuple[torch.device, int, int, bool]:
     """(device, rank, world_size, created) — under torchrun (WORLD_SIZE > 1) initialises torch.distributed through
     :mod:`common.distributed` (NCCL on CUDA, gloo on the CPU; one GPU per local rank)."""
-    if device_pref == "auto":
-        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_pref.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device cuda requested but CUDA is not available")
+    device_pref = cdist.resolve_device(device_pref)
     created = cdist.is_torchrun() and dist.is_available() and not dist.is_initialized()
     device = torch.device(cdist.init_distributed(device_pref))
     return device, cdist.rank(), cdist.world_size(), created

@@ -5,7 +5,7 @@ sparse k-reciprocal Jaccard radius graph (:mod:`common.kreciprocal`, reference-s
 ``DBSCAN(metric='precomputed')`` on that sparse graph. Outliers are labelled -1. Nothing N×N is allocated.
 
 Quality helpers for choosing eps: :func:`cluster_quality` (NMI, ARI, pairwise precision/recall/F-score against
-real pids), :func:`sweep_eps` (one distance graph, many eps values) and :func:`size_histogram`.
+real pids), :func:`sweep_eps` (one distance graph, many eps values) and :func:`size_histogram` (from :mod:`common.inspect`).
 :func:`cluster_features_file` is the file-level function behind the ``cluster`` command.
 """
 
@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
 from common.errors import InputError
+from common.inspect import size_histogram  # noqa: F401 - re-exported: the cluster report uses it
 from common.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
 from common.search import knn_search
 
@@ -293,38 +294,6 @@ def sweep_eps(graph, eps_values: Sequence[float], min_samples: int = 4, pids=Non
             row.update({k: q[k] for k in ("nmi", "ari", "precision", "recall", "f_score")})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-_SIZE_BINS = [(1, 1), (2, 3), (4, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 500),
-              (501, 1000), (1001, None)]
-
-
-def size_histogram(labels, width: int = 40) -> str:
-    """Text histogram of cluster sizes (number of clusters per size bin, plus the outlier count).
-
-    Args:
-        labels: int (N,) cluster labels, -1 = outlier. width: longest bar in characters.
-
-    Returns:
-        A multi-line string, e.g. ``"   4-5   | ####        120"``.
-    """
-    labels = np.asarray(labels, np.int64)
-    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
-    sizes = sizes[sizes > 0]
-    counts = []
-    for lo, hi in _SIZE_BINS:
-        sel = (sizes >= lo) if hi is None else ((sizes >= lo) & (sizes <= hi))
-        counts.append(int(sel.sum()))
-    top = max(counts + [1])
-    lines = ["cluster size | clusters"]
-    for (lo, hi), c in zip(_SIZE_BINS, counts):
-        if c == 0:
-            continue
-        name = f"{lo}" if hi == lo else (f">{lo - 1}" if hi is None else f"{lo}-{hi}")
-        bar = "#" * max(1, int(round(width * c / top)))
-        lines.append(f"{name:>12} | {bar} {c}")
-    lines.append(f"{'outliers':>12} | {int((labels < 0).sum())} samples")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- file level

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from common import distributed as dist
 from common.errors import InputError
 from common.fileio import atomic_path
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("partreid.finetune")
@@ -147,7 +148,7 @@ def train_transform(image_size, mean, std):
         T.RandomCrop(size),
         T.ToTensor(),
         T.Normalize(list(mean), list(std)),
-        T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=[0.485, 0.456, 0.406]),
+        T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=list(IMAGENET_MEAN)),
     ])
 
 
@@ -155,7 +156,7 @@ def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
     if cfg.normalization == "half":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     if cfg.normalization == "imagenet":
-        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        return IMAGENET_MEAN, IMAGENET_STD
     return tuple(loaded.pixel_mean), tuple(loaded.pixel_std)
 
 
@@ -216,7 +217,7 @@ class _Run:
         self.model.to(self.device)
         self.mean, self.std = _normalization(cfg, self.loaded)
         self.image_size = tuple(cfg.image_size or self.loaded.image_size)
-        self.meta = {"arch": self.loaded.arch if self.loaded.kind != "reid" else self.loaded.arch,
+        self.meta = {"arch": self.loaded.arch,
                      "image_size": list(self.image_size), "pixel_mean": list(self.mean), "pixel_std": list(self.std),
                      "fusion": self.model.fusion, "preset_loss": cfg.loss, "dataset": spec,
                      "dataset_fingerprint": self.ds.fingerprint, "init_checkpoint": cfg.checkpoint}
@@ -243,9 +244,14 @@ class _Run:
         raise InputError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
 
     def _amp_dtype(self):
-        if not (self.cfg.amp and self.device.startswith("cuda")):
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dist.amp_dtype(self.device) if self.cfg.amp else None
+
+    def as_loaded(self, source: str):
+        """The model being trained, wrapped for :mod:`common.extract` (BNNeck features, this run's input)."""
+        from common.models.loader import LoadedModel
+
+        return LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std, source,
+                           "finetune", dict(self.meta))
 
     # -- checkpoints
     @property
@@ -294,7 +300,6 @@ class _Run:
         """Extract → cluster → refine for this epoch; returns labels, agreement, camid, path and the features."""
         from common.extract import FeatureOptions, extract_to_file
         from common.h5io import features_for_labels, read_labels
-        from common.models.loader import LoadedModel
         from pplr_finetune.cross_agreement import refine_labels_file
         from pplr_finetune.pseudo_labels import cluster_features_file
 
@@ -304,9 +309,8 @@ class _Run:
         if epoch == self.start_epoch and self.labels_file is not None:
             refined = self.labels_file
         else:
-            wrapped = LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std,
-                                  "finetune (current epoch)", "finetune", dict(self.meta))
-            feats_path = extract_to_file(wrapped, self.ds, self.train_frame, epoch_dir / "features.h5",
+            feats_path = extract_to_file(self.as_loaded("finetune (current epoch)"), self.ds, self.train_frame,
+                                         epoch_dir / "features.h5",
                                          split="train", opts=FeatureOptions(neck="after", normalize=True),
                                          batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
                                          device=self.device, progress=cfg.progress,
@@ -449,15 +453,13 @@ class _Run:
         if self.eval_ds is None or self.rank != 0:
             return None
         from common.extract import FeatureOptions, extract_arrays
-        from common.models.loader import LoadedModel
         from common.pipeline import evaluate_arrays
 
-        wrapped = LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std,
-                              "finetune", "finetune", dict(self.meta))
         feats = {}
         for split in ("query", "gallery"):
             frame = self.eval_ds.split(split).reset_index(drop=True)
-            g, _, kept = extract_arrays(wrapped, self.eval_ds, frame, opts=FeatureOptions(neck="after", parts=False),
+            g, _, kept = extract_arrays(self.as_loaded("finetune"), self.eval_ds, frame,
+                                        opts=FeatureOptions(neck="after", parts=False),
                                         batch_size=max(self.cfg.batch_size, 64), workers=self.cfg.workers,
                                         device=self.device, progress=self.cfg.progress)
             feats[split] = (g, frame["pid"].to_numpy()[kept], frame["camid"].to_numpy()[kept])

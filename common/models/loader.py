@@ -25,9 +25,8 @@ from torch import nn
 
 from common.errors import InputError
 from common.fileio import sha256_file
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 
 

@@ -57,6 +57,24 @@ REID_FORMAT_VERSION = 1
 FUSIONS = ("cat", "mean", "cls")
 
 
+def fuse_features(g: torch.Tensor, parts: torch.Tensor, fusion: str) -> torch.Tensor:
+    """Global feature from the [CLS]/GAP output ``g`` (B, D) and the part outputs ``parts`` (B, P, D).
+
+    With f_p = mean over parts: ``'cat'`` → [g ; f_p] (B, 2D); ``'mean'`` → (g + f_p)/2 (B, D); ``'cls'`` → g
+    (B, D) (reference-spec §A.9 "Feature fusion").
+
+    Raises:
+        InputError: unknown ``fusion``.
+    """
+    if fusion == "cls":
+        return g
+    if fusion == "cat":
+        return torch.cat([g, parts.mean(dim=1)], dim=1)
+    if fusion == "mean":
+        return (g + parts.mean(dim=1)) / 2
+    raise InputError(f"unknown feature fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+
+
 # ----------------------------------------------------------------------------------------------- ghost BN
 class _GroupedBNMixin:
     """Train-mode forward with per-group batch statistics (see the module docstring)."""
@@ -299,12 +317,8 @@ class ReIDModel(nn.Module):
 
     # -- features
     def fuse(self, g: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-        """Fused global feature from g (B, D) and parts (B, P, D) → (B, Dg) (reference-spec §A.9)."""
-        if self.fusion == "cat":
-            return torch.cat([g, parts.mean(dim=1)], dim=1)
-        if self.fusion == "mean":
-            return (g + parts.mean(dim=1)) / 2
-        return g
+        """Fused global feature from g (B, D) and parts (B, P, D) → (B, Dg) (:func:`fuse_features`)."""
+        return fuse_features(g, parts, self.fusion)
 
     def _features(self, x: torch.Tensor):
         g, parts = self.backbone(x)

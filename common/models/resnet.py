@@ -21,11 +21,10 @@ import torch.nn as nn
 import torchvision
 
 from common.errors import InputError
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ResNetStripes", "IMAGENET_MEAN", "IMAGENET_STD", "RESNET50_V1_URL", "load_torchvision_state_dict"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: torchvision's ImageNet-1k V1 ResNet-50 weights (what ``pretrained=True`` gave PPLR); download it yourself.
 RESNET50_V1_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 

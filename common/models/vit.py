@@ -33,9 +33,8 @@ from timm.models.vision_transformer import Block
 
 from common.errors import InputError
 from common.fileio import atomic_path
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: width D and number of attention heads per size (§A.1; ``vit_tiny`` is the DeiT-Ti size for CPU demos).
 VIT_ARCHS: Dict[str, Dict[str, int]] = {
