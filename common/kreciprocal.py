@@ -19,6 +19,13 @@ best first, self normally in column 0):
 6. Jaccard: m_ij = Σ_k min(V_qe[i, k], V_qe[j, k]) and d_ij = 1 − m_ij / (2 − m_ij), negatives clipped to 0.
    Pairs without shared support have d = 1.
 
+Step 6 is where the time goes: the min-sums have Σ_k c_k(c_k − 1)/2 terms (c_k = rows sharing column k; 51M at
+Market size), yet almost every pair that shares a column shares only a few small entries and is far from any
+useful eps. Only the pairs with d_ij <= max_distance are wanted, i.e. m_ij >= t. The kernel first sums over each
+row's heavy entries (all but the lightest ones, whose mass stays under a fraction of t), then recomputes the
+few candidate pairs that bound leaves exactly (see ``_JaccardKernel``): about a third of the terms, the same
+graph.
+
 Neighbour-count conventions (``convention``)
 -------------------------------------------
 ``'reference'`` (default; the behaviour behind the published numbers): the code slices ``[:k1+1]`` but its
@@ -155,6 +162,26 @@ def reciprocal_neighbours(knn: np.ndarray, n_forward: int) -> sp.csr_matrix:
     return r
 
 
+def reciprocal_pair(knn: np.ndarray, n_forward: int, n_half: int) -> Tuple[sp.csr_matrix, sp.csr_matrix]:
+    """``(R, R½)``: :func:`reciprocal_neighbours` for both list lengths (n_half <= n_forward) from one
+    sparse product. Each kNN entry carries 1 in the first n_half columns and 4 after, so the product of the
+    two directions of a mutual pair is 1 exactly when both ranks fall in the half lists."""
+    n = knn.shape[0]
+    cols = np.ascontiguousarray(knn[:, :n_forward]).ravel()
+    w = np.where(np.arange(n_forward) < n_half, np.float32(1), np.float32(4)).astype(np.float32)
+    a = sp.csr_matrix((np.tile(w, n), cols, np.arange(0, n * n_forward + 1, n_forward, dtype=np.int64)),
+                      shape=(n, n))
+    a.sort_indices()
+    prod = a.multiply(a.T).tocsr()
+    prod.sort_indices()
+    half = prod.data == 1
+    rh_ptr = np.concatenate([[0], np.cumsum(_segment_reduce(np.add, half.astype(np.int64), prod.indptr, 0))])
+    rh = sp.csr_matrix((np.ones(int(half.sum()), np.float32), prod.indices[half], rh_ptr), shape=(n, n))
+    rh.has_sorted_indices = True
+    prod.data[:] = 1.0
+    return prod, rh
+
+
 def _expand_block(r: sp.csr_matrix, rh: sp.csr_matrix, a: int, b: int) -> sp.csr_matrix:
     """Rows [a, b) of the expanded sets E (b − a, N) from the symmetric R and R½ patterns."""
     rb = r[a:b]
@@ -185,27 +212,32 @@ def expanded_sets(knn: np.ndarray, n_forward: int, n_half: int) -> sp.csr_matrix
     Returns:
         float32 csr_matrix (N, N) with ones on E, sorted column indices.
     """
-    r = reciprocal_neighbours(knn, n_forward)
-    rh = reciprocal_neighbours(knn, n_half)
+    r, rh = reciprocal_pair(knn, n_forward, n_half)
     return _expand_block(r, rh, 0, knn.shape[0])
 
 
 class _PairTable:
-    """The (row, col) pairs of a kNN table, sorted, with their values: O(log(N·K)) lookups of any pair."""
+    """The (row, col) pairs of a kNN table with their values, for lookups of any pairs.
+
+    Stored as a CSR matrix whose entries are 1 + the flat position of the pair in the table; a lookup is
+    scipy's binary search within each row's K sorted columns.
+    """
 
     def __init__(self, knn: np.ndarray, values: np.ndarray):
-        n = knn.shape[0]
-        order = np.argsort(knn, axis=1)
-        sk = np.take_along_axis(knn, order, axis=1)
-        self.n = n
-        self.values = np.take_along_axis(np.asarray(values, np.float32), order, axis=1).ravel()
-        self.keys = (np.arange(n, dtype=np.int64)[:, None] * n + sk).ravel()  # globally sorted
+        n, k = knn.shape
+        self.values = np.asarray(values, np.float32).ravel()
+        idx = np.int32 if n < 2 ** 31 and n * k < 2 ** 31 else np.int64
+        self.pos = sp.csr_matrix((np.arange(1, n * k + 1, dtype=np.int64), knn.ravel().astype(idx),
+                                  np.arange(0, n * k + 1, k, dtype=idx)), shape=(n, n))
+        self.pos.sort_indices()
 
     def lookup(self, rows: np.ndarray, cols: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        keys = rows.astype(np.int64) * self.n + cols
-        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
-        found = self.keys[pos] == keys
-        return np.where(found, self.values[pos], np.float32(0)).astype(np.float32), found
+        if rows.size == 0:
+            return np.zeros(0, np.float32), np.zeros(0, bool)
+        idx = self.pos.indices.dtype
+        pos = np.asarray(self.pos[rows.astype(idx, copy=False), cols.astype(idx, copy=False)]).ravel()
+        found = pos > 0
+        return np.where(found, self.values[pos - 1], np.float32(0)).astype(np.float32), found
 
 
 def lookup_pairs(rows: np.ndarray, cols: np.ndarray, knn: np.ndarray, values: np.ndarray,
@@ -222,24 +254,55 @@ def lookup_pairs(rows: np.ndarray, cols: np.ndarray, knn: np.ndarray, values: np
     return _PairTable(knn, values).lookup(rows, cols)
 
 
-def pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, block: int = 2048,
-              n_jobs: Optional[int] = 1) -> np.ndarray:
-    """Inner products x[rows[m]]·x[cols[m]] for M pairs, float32 (M,), computed in blocks of ``block`` pairs
-    (small blocks keep the gathered rows in cache); ``n_jobs`` > 1 shares large jobs with forked processes."""
+def pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Inner products x[rows[m]]·x[cols[m]] for M pairs: float32 (M,).
+
+    Computed by faiss (``fvec_inner_products_by_idx``: C++, all OpenMP threads) on row ranges of x in place,
+    ``chunk`` pairs at a time, so no row of x is copied. Call it from the main process only, not from a
+    forked worker (OpenMP thread pools do not survive a fork).
+
+    Args:
+        x: float32 (N, D) features; rows, cols: int64 (M,) pair indices.
+    """
+    from common.search import _faiss
+
+    faiss = _faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = np.asarray(rows, np.int64)
+    cols = np.asarray(cols, np.int64)
     m_total = rows.size
-
-    def run(a: int, b: int):
-        out = np.empty(b - a, np.float32)
-        for s in range(a, b, block):
-            e = min(s + block, b)
-            out[s - a:e - a] = np.einsum("ij,ij->i", x[rows[s:e]], x[cols[s:e]])
-        return (out,)
-
-    jobs = _resolve_jobs(n_jobs)
-    if jobs > 1 and m_total * x.shape[1] >= _FORK_MIN_TERMS * 4:
-        cuts = np.linspace(0, m_total, jobs + 1).astype(np.int64).tolist()
-        return np.concatenate([p[0] for p in _fork_map(run, list(zip(cuts[:-1], cuts[1:])))])
-    return run(0, m_total)[0]
+    out = np.empty(m_total, np.float32)
+    if m_total == 0:
+        return out
+    order = None
+    if (rows[1:] < rows[:-1]).any():
+        order = np.argsort(rows, kind="stable")
+        rows, cols = rows[order], cols[order]
+    d = x.shape[1]
+    for s in range(0, m_total, chunk):
+        e = min(m_total, s + chunk)
+        r, c = rows[s:e], cols[s:e]
+        a = int(r[0])
+        # rank of each pair within its row: a padded (rows a..r[-1]) × width table of ids, -1 = skip
+        first = np.zeros(e - s, np.int64)
+        new_row = np.flatnonzero(r[1:] != r[:-1]) + 1
+        first[new_row] = new_row
+        np.maximum.accumulate(first, out=first)
+        rank = np.arange(e - s, dtype=np.int64) - first
+        width = int(rank.max()) + 1
+        nx = int(r[-1]) - a + 1
+        slot = (r - a) * width + rank
+        ids = np.full(nx * width, -1, np.int64)
+        ids[slot] = c
+        ip = np.empty(nx * width, np.float32)
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(ip), faiss.swig_ptr(x[a:a + nx]), faiss.swig_ptr(x),
+                                         faiss.swig_ptr(ids), d, nx, width)
+        out[s:e] = ip[slot]
+    if order is not None:
+        res = np.empty_like(out)
+        res[order] = out
+        out = res
+    return out
 
 
 def encode(pattern: sp.csr_matrix, logits: np.ndarray) -> sp.csr_matrix:
@@ -384,13 +447,93 @@ def _min_threshold(max_distance: float) -> float:
 #: terms; beyond that (large N, few terms per row) the touched target rows are renumbered densely first
 _DENSE_FACTOR = 10
 
+#: light-entry budget σ of the pruned kernel, as a fraction of the min-sum threshold t (σ = fraction · t)
+LIGHT_FRACTION = 0.3
+
+#: at most this many float32 cells in the per-chunk dense copy of V_qe rows used to verify candidate pairs
+_VERIFY_CELLS = 1 << 22
+
+
+def light_entries(v: sp.csr_matrix, sigma: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row, the lightest stored entries whose values add up to at most ``sigma``.
+
+    Args:
+        v: csr (N, M) with non-negative float32 values.
+        sigma: mass budget per row (the values' unit).
+
+    Returns:
+        ``(light bool (nnz,), mass float64 (N,))``: which stored entries (in storage order) are light, and the
+        sum of each row's light values (<= sigma). An entry whose value ties with the row's first heavy value
+        is heavy, so the budget is never exceeded.
+    """
+    n = v.shape[0]
+    data = np.asarray(v.data, np.float32)
+    indptr = v.indptr.astype(np.int64)
+    if sigma <= 0 or data.size == 0:
+        return np.zeros(data.size, bool), np.zeros(n, np.float64)
+    lens = np.diff(indptr)
+    row_key = np.arange(n, dtype=np.int64) << 32
+    # non-negative float32 values sort like their bit patterns: one int64 sort orders every row by value
+    key = np.repeat(row_key, lens)
+    key |= data.view(np.uint32)
+    key.sort()
+    low = key.view(np.uint32)[0::2] if sys.byteorder == "little" else key.view(np.uint32)[1::2]
+    cum = np.zeros(data.size + 1, np.float64)  # running mass over the sorted rows, one after the other
+    np.cumsum(low.view(np.float32), dtype=np.float64, out=cum[1:])
+    start, stop = indptr[:-1], indptr[1:]
+    # per row, the first sorted position whose running mass exceeds sigma: the row's first heavy value
+    first = np.minimum(np.searchsorted(cum, cum[start] + sigma, side="right") - 1, stop)
+    first_heavy = np.full(n, np.inf, np.float32)
+    has_heavy = first < stop
+    first_heavy[has_heavy] = low[first[has_heavy]].view(np.float32)
+    # light = strictly below it (ties with it stay heavy); their mass from the running sums
+    light = data < np.repeat(first_heavy, lens)
+    end = np.searchsorted(key, row_key | first_heavy.view(np.uint32), side="left")
+    mass = cum[end] - cum[start]
+    return light, mass
+
 
 class _JaccardKernel:
-    """Min-sum accumulation of :func:`jaccard_radius_graph` over ranges of rows (see its doc)."""
+    """Min-sum accumulation of :func:`jaccard_radius_graph` over ranges of rows (see its doc).
 
-    def __init__(self, vp: sp.csr_matrix, max_distance: float, chunk_elems: int):
+    Pruning (``light_fraction`` > 0): per row, the lightest entries of V_qe with total mass s_i <= σ are set
+    aside (:func:`light_entries`, σ = light_fraction · t, where t is the smallest min-sum that can reach
+    ``max_distance``). The pair terms are accumulated over the remaining heavy entries only, giving
+    m'_ij <= m_ij. Every term left out involves a light entry of i or of j, so m_ij <= m'_ij + s_i + s_j:
+
+    * a pair sharing no heavy column has m_ij <= s_i + s_j <= 2σ < t, and cannot be in the graph;
+    * a pair with m'_ij < t − s_i − s_j cannot either.
+
+    The remaining candidate pairs get their exact m_ij = Σ_k min(V_qe[i,k], V_qe[j,k]) over all entries, from
+    a dense copy of the chunk's rows. The result is the same as without pruning; on re-ID features about two
+    thirds of the terms are skipped (most pairs that share a column share only a few light ones).
+    """
+
+    def __init__(self, vp: sp.csr_matrix, max_distance: float, chunk_elems: int,
+                 light_fraction: Optional[float] = None):
         self.n = vp.shape[0]
-        self.inv = InvertedIndex(vp)
+        vp = vp.tocsr()
+        self.full = vp
+        self.full_indptr = vp.indptr.astype(np.int64)
+        self.full_indices = vp.indices.astype(np.int64)
+        self.full_data = vp.data.astype(np.float32, copy=False)
+        t = _min_threshold(max_distance)
+        if light_fraction is None:
+            light_fraction = LIGHT_FRACTION
+        light, self.light_mass = light_entries(vp, float(light_fraction) * t if t > 1e-6 else 0.0)
+        self.verify = bool(light.any())
+        if self.verify:
+            heavy = ~light
+            counts = _segment_reduce(np.add, heavy.astype(np.int64), self.full_indptr, 0)
+            indptr = np.concatenate([[0], np.cumsum(counts)])
+            vh = sp.csr_matrix((self.full_data[heavy], vp.indices[heavy], indptr), shape=vp.shape)
+            vh.has_sorted_indices = vp.has_sorted_indices
+            # heavy-only sums below t − 2σ cannot lead to a pair within max_distance
+            self.t_search = np.float32(max(t - 2.0 * float(self.light_mass.max(initial=0.0)) - 1e-4, 1e-30))
+        else:
+            vh = vp
+            self.t_search = np.float32(t)
+        self.inv = InvertedIndex(vh)
         v = self.inv.csr
         self.data = v.data.astype(np.float32, copy=False)
         self.indptr = v.indptr.astype(np.int64)
@@ -398,20 +541,42 @@ class _JaccardKernel:
         self.slot_start = self.inv.pos + 1  # only j > i: the slots after row i's own slot in column k
         self.lens = self.inv.colptr[v.indices + 1] - self.slot_start
         self.row_cum = np.concatenate([[0], np.cumsum(_segment_reduce(np.add, self.lens, self.indptr, 0))])
-        self.t_min = np.float32(_min_threshold(max_distance))
+        self.t_min = np.float32(t)
         self.max_distance = np.float32(max_distance)
         self.chunk_elems = int(max(1, chunk_elems))
         self.records = self.inv.pairs.view(np.int64)
+        self.max_verify_rows = max(1, _VERIFY_CELLS // max(self.n, 1))
 
     @property
     def total_terms(self) -> int:
         return int(self.row_cum[-1])
 
     def split_rows(self, parts: int) -> list:
-        """Row boundaries cutting the work into ``parts`` contiguous ranges of about equal terms."""
-        targets = self.row_cum[-1] * np.arange(1, parts) / parts
+        """Row boundaries cutting the work into ``parts`` contiguous ranges of terms in the proportions of
+        :func:`_fork_shares`."""
+        targets = self.row_cum[-1] * _fork_shares(parts)
         cuts = np.searchsorted(self.row_cum, targets).tolist()
         return [0] + cuts + [self.n]
+
+    def _exact_min_sums(self, ii: np.ndarray, jj: np.ndarray, r0: int, r1: int, vbuf: np.ndarray) -> np.ndarray:
+        """Exact m_ij over all entries for pairs with i in [r0, r1) (ii ascending): float32 (len(ii),).
+
+        Rows r0..r1-1 are scattered into the zeroed dense buffer ``vbuf`` (>= (r1−r0)·N cells, zeroed again
+        on return); each pair then reads row i's values at row j's columns (rows j gathered by scipy).
+        """
+        n, indptr = self.n, self.full_indptr
+        e0, e1 = indptr[r0], indptr[r1]
+        cells = _row_ids(indptr[r0:r1 + 1] - e0) * n + self.full_indices[e0:e1]
+        vbuf[cells] = self.full_data[e0:e1]
+        rows_j = self.full[jj.astype(self.full.indices.dtype)]  # same dtype: scipy then converts nothing
+        key = np.repeat((ii - r0) * n, np.diff(rows_j.indptr))
+        key += rows_j.indices
+        terms = np.take(vbuf, key)
+        np.minimum(terms, rows_j.data, out=terms)
+        vbuf[cells] = 0
+        if not terms.size:
+            return np.zeros(ii.size, np.float32)
+        return np.add.reduceat(terms, rows_j.indptr[:-1])
 
     def run(self, r_start: int, r_stop: int):
         """Pairs (i < j, rows in [r_start, r_stop)) with d_ij <= max_distance: (i int64, j int64, d float32)."""
@@ -421,10 +586,15 @@ class _JaccardKernel:
         remap = np.zeros(n, np.int64)
         arange = np.arange(0)
         dense_buf = np.zeros(0, np.float32)
-        r0 = r_start
-        while r0 < r_stop:
+        bounds = [r_start]
+        while bounds[-1] < r_stop:
+            r0 = bounds[-1]
             r1 = int(np.searchsorted(row_cum, row_cum[r0] + self.chunk_elems, side="right")) - 1
             r1 = min(max(r1, r0 + 1), r_stop)
+            bounds.append(min(r1, r0 + self.max_verify_rows) if self.verify else r1)
+        if self.verify:  # allocated once: first touches of fresh pages are not free
+            vbuf = np.zeros(max(b - a for a, b in zip(bounds[:-1], bounds[1:])) * n, np.float32)
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
             total = int(row_cum[r1] - row_cum[r0])
             if total:
                 e0, e1 = indptr[r0], indptr[r1]
@@ -458,18 +628,25 @@ class _JaccardKernel:
                     key += remap[j]
                     buf = np.zeros(rows_c * ncols, np.float32)
                 np.add.at(buf, key, m)
-                hit = np.flatnonzero(buf >= self.t_min)
+                hit = np.flatnonzero(buf >= self.t_search)
                 sums = buf[hit]
                 if cols is None:
                     buf.fill(0)  # the dense buffer is reused by the next chunk
                 if hit.size:
+                    hi = hit // ncols + r0
+                    hj = hit % ncols + (r0 + 1) if cols is None else cols[hit % ncols]
+                    if self.verify:  # candidates by the light-mass bound, then their exact sums
+                        cand = np.flatnonzero(sums + (self.light_mass[hi] + self.light_mass[hj])
+                                              >= self.t_min - 1e-4)
+                        hi, hj = hi[cand], hj[cand]
+                        sums = self._exact_min_sums(hi, hj, r0, r1, vbuf)
+                        cand = np.flatnonzero(sums >= self.t_min)
+                        hi, hj, sums = hi[cand], hj[cand], sums[cand]
                     d = _jaccard_from_min(sums)
                     keep = d <= self.max_distance
-                    hit = hit[keep]
-                    out_i.append(hit // ncols + r0)
-                    out_j.append(hit % ncols + (r0 + 1) if cols is None else cols[hit % ncols])
+                    out_i.append(hi[keep])
+                    out_j.append(hj[keep])
                     out_d.append(d[keep])
-            r0 = r1
         return (np.concatenate(out_i + [np.empty(0, np.int64)]).astype(np.int64),
                 np.concatenate(out_j + [np.empty(0, np.int64)]).astype(np.int64),
                 np.concatenate(out_d + [np.empty(0, np.float32)]).astype(np.float32))
@@ -549,6 +726,19 @@ def _fork_map(func, ranges: list) -> list:
     return results
 
 
+#: work of the calling process relative to each forked child in :func:`_fork_map`: the caller starts at once
+#: and sends nothing back, a child first pays for its fork, its copy-on-write page faults and its pipe
+_PARENT_SHARE = 1.15
+
+
+def _fork_shares(parts: int) -> np.ndarray:
+    """Cumulative cut points in (0, 1) for ``parts`` ranges, the first (this process's) _PARENT_SHARE times
+    the others: float64 (parts − 1,)."""
+    w = np.ones(parts)
+    w[0] = _PARENT_SHARE
+    return (np.cumsum(w) / w.sum())[:-1]
+
+
 def _resolve_jobs(n_jobs: Optional[int]) -> int:
     jobs = default_n_jobs() if n_jobs is None else max(1, int(n_jobs))
     return jobs if hasattr(os, "fork") else 1
@@ -568,7 +758,9 @@ def jaccard_radius_graph(vqe: sp.csr_matrix, max_distance: float, *, order: Opti
     stored as an explicit 0 (its exact value). Rows are processed in chunks of about ``chunk_elems`` pair
     terms min(V_qe[i,k], V_qe[j,k]); a chunk scatter-adds its terms into a cache-resident dense buffer of
     (chunk rows × rows after the chunk's first row), or, when N is large compared with the chunk's terms, of
-    (chunk rows × touched rows) after renumbering the touched target rows. ``order`` (a permutation of the rows, e.g.
+    (chunk rows × touched rows) after renumbering the touched target rows. For max_distance < 1 the terms are
+    summed over each row's heavy entries only and the candidate pairs are then recomputed exactly
+    (``_JaccardKernel``, pruning fraction :data:`LIGHT_FRACTION`). ``order`` (a permutation of the rows, e.g.
     :func:`locality_order`) puts neighbouring rows in the same chunk, so their column suffixes are read from
     cache and they touch fewer distinct targets; it does not change the result.
 
@@ -722,41 +914,49 @@ def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, *, max_distance: fl
             raise InputError(f"similarities have shape {similarities.shape}, the kNN table {knn.shape}")
 
     t = time.perf_counter()
-    r = reciprocal_neighbours(knn, n_forward)
-    rh = reciprocal_neighbours(knn, n_half)
+    r, rh = reciprocal_pair(knn, n_forward, n_half)
     tm["reciprocal"] = time.perf_counter() - t
 
-    # steps 3-4 per block of rows (blocks shared with forked workers on large inputs): expanded sets,
-    # x_i·x_j for their pairs (from the kNN table where present), softmax weights
+    # steps 3-4: expanded sets and x_i·x_j for their pairs from the kNN table, per block of rows (blocks shared
+    # with forked workers on large inputs); then the pairs not in the table (faiss, all threads) and the
+    # softmax weights
     t = time.perf_counter()
     table = _PairTable(knn, similarities) if similarities is not None else None
 
-    def encode_rows(a: int, b: int):
+    def expand_rows(a: int, b: int):
         e_blk = _expand_block(r, rh, a, b)
-        rows = _row_ids(e_blk.indptr) + a
-        cols = e_blk.indices.astype(np.int64)
-        if table is not None:
+        if table is None:
+            dots = np.zeros(e_blk.nnz, np.float32)
+            found = np.zeros(e_blk.nnz, bool)
+        else:
+            rows = _row_ids(e_blk.indptr) + a
+            cols = e_blk.indices.astype(np.int64)
             dots, found = table.lookup(rows, cols)
             miss = np.flatnonzero(~found)
-            if miss.size:
-                dots[miss] = pair_dots(x, rows[miss], cols[miss], n_jobs=1)
-        else:
-            dots = pair_dots(x, rows, cols, n_jobs=1)
-        v_blk = encode(e_blk, (np.float32(2) * dots - np.float32(2)).astype(np.float32))  # −(2 − 2·x_i·x_j)
-        return v_blk.indptr.astype(np.int64), v_blk.indices.astype(np.int32), v_blk.data
+            if miss.size:  # x_i·x_j = x_j·x_i: look for (j, i) too
+                back, found_back = table.lookup(cols[miss], rows[miss])
+                dots[miss] = back
+                found[miss] = found_back
+        return e_blk.indptr.astype(np.int64), e_blk.indices.astype(np.int32), dots, found
 
     jobs = _resolve_jobs(n_jobs)
     if jobs > 1 and n >= _FORK_MIN_ROWS:
-        cuts = np.linspace(0, n, jobs + 1).astype(np.int64).tolist()
-        blocks = _fork_map(encode_rows, list(zip(cuts[:-1], cuts[1:])))
+        cuts = [0] + np.round(n * _fork_shares(jobs)).astype(np.int64).tolist() + [n]
+        blocks = _fork_map(expand_rows, list(zip(cuts[:-1], cuts[1:])))
     else:
-        blocks = [encode_rows(0, n)]
+        blocks = [expand_rows(0, n)]
     offsets = np.cumsum([0] + [int(b_[0][-1]) for b_ in blocks])
     indptr = np.concatenate([blocks[0][0][:1]] + [b_[0][1:] + off for b_, off in zip(blocks, offsets[:-1])])
-    v = sp.csr_matrix((np.concatenate([b_[2] for b_ in blocks]), np.concatenate([b_[1] for b_ in blocks]),
-                       indptr), shape=(n, n))
-    v.has_sorted_indices = True
+    e = sp.csr_matrix((np.ones(int(indptr[-1]), np.float32), np.concatenate([b_[1] for b_ in blocks]), indptr),
+                      shape=(n, n))
+    e.has_sorted_indices = True
+    dots = np.concatenate([b_[2] for b_ in blocks])
+    miss = np.flatnonzero(~np.concatenate([b_[3] for b_ in blocks]))
     del blocks, table
+    if miss.size:
+        dots[miss] = pair_dots(x, _row_ids(indptr)[miss], e.indices[miss].astype(np.int64))
+    v = encode(e, (np.float32(2) * dots - np.float32(2)).astype(np.float32))  # logits −(2 − 2·x_i·x_j)
+    del e, dots, miss
     tm["encoding"] = time.perf_counter() - t
     t = time.perf_counter()
     vqe = local_query_expansion(v, knn, k2)  # step 5

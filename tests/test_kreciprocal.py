@@ -276,3 +276,121 @@ def test_fork_map_cleans_up_when_the_parent_fails(monkeypatch):
     assert len(forked) == 1
     with pytest.raises(ChildProcessError):
         os.waitpid(forked[0], os.WNOHANG)  # already reaped: no zombie left behind
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The pruned min-sum kernel: light entries, candidate pairs, exact verification
+
+
+def test_light_entries_are_the_lightest_within_the_budget():
+    from common.kreciprocal import light_entries
+
+    rows = [
+        [0.5, 0.1, 0.2, 0.05, 0.15],  # sorted: .05 .1 .15 .2 .5 → budget .31 holds .05+.1+.15
+        [0.15, 0.15, 0.15, 0.55],  # .15+.15 fits, the third does not and ties with them: all three heavy
+        [0.4, 0.6],  # nothing fits
+        [0.1, 0.05],  # everything fits
+        [],  # empty row
+    ]
+    data = np.concatenate([np.asarray(r, np.float32) for r in rows])
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    v = sp.csr_matrix((data, np.concatenate([np.arange(len(r)) for r in rows]).astype(np.int32), indptr),
+                      shape=(5, 6))
+    light, mass = light_entries(v, 0.31)
+    expected = [[False, True, False, True, True], [False, False, False, False], [False, False], [True, True], []]
+    np.testing.assert_array_equal(light, np.concatenate([np.asarray(e, bool) for e in expected]))
+    np.testing.assert_allclose(mass, [0.3, 0.0, 0.0, 0.15, 0.0], atol=1e-7)
+    light0, mass0 = light_entries(v, 0.0)
+    assert not light0.any() and (mass0 == 0).all()
+
+
+def test_light_entries_invariants_on_random_rows():
+    from common.kreciprocal import light_entries
+
+    rng = np.random.default_rng(4)
+    v = sp.random(300, 400, density=0.08, format="csr", random_state=5, dtype=np.float32)
+    v.data = rng.gamma(0.7, 1.0, v.nnz).astype(np.float32)
+    v.data[::17] = v.data[1::17][: v.data[::17].size]  # some ties
+    sigma = 0.8
+    light, mass = light_entries(v, sigma)
+    for i in range(v.shape[0]):
+        seg = slice(v.indptr[i], v.indptr[i + 1])
+        vals, lt = v.data[seg], light[seg]
+        assert abs(vals[lt].astype(np.float64).sum() - mass[i]) < 1e-5
+        assert mass[i] <= sigma + 1e-6
+        if lt.any() and (~lt).any():
+            assert vals[lt].max() < vals[~lt].min()  # light = strictly lighter than every heavy entry
+        if (~lt).any():  # maximal: the lightest heavy value (and its ties) would break the budget
+            smallest = vals[~lt].min()
+            assert mass[i] + smallest * (vals == smallest).sum() > sigma - 1e-6
+
+
+@pytest.mark.parametrize("max_distance", [0.3, 0.6, 0.9, 1.0])
+def test_pruned_kernel_equals_the_full_kernel(max_distance):
+    import common.kreciprocal as kr
+
+    x = clustered_features(n=2500, d=24, ids=120, noise=0.9, seed=11)
+    full_rank = np.argsort(-(x.astype(np.float64) @ x.T.astype(np.float64)), axis=1, kind="stable")
+    knn = full_rank[:, :knn_columns_needed(K1, K2)]
+    v = local_query_expansion(kr.encode(expanded_sets(knn, *neighbour_counts(K1)),
+                                        2 * _dots_for(x, expanded_sets(knn, *neighbour_counts(K1))) - 2), knn, K2)
+    full = kr._JaccardKernel(v.tocsr(), max_distance, 4096, light_fraction=0.0)
+    assert not full.verify
+    ref = full.run(0, x.shape[0])
+    for fraction, chunk in [(0.3, 4096), (0.45, 300), (0.3, 50)]:  # small chunks: the renumbered-target path
+        pruned = kr._JaccardKernel(v.tocsr(), max_distance, chunk, light_fraction=fraction)
+        assert pruned.verify == (max_distance < 1.0)
+        if pruned.verify:
+            assert pruned.total_terms < 0.8 * full.total_terms  # it does skip work
+        got = pruned.run(0, x.shape[0])
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_allclose(got[2], ref[2], atol=2e-6, rtol=0)
+    assert ref[0].size > 1000  # a meaningful number of pairs within max_distance
+
+
+def _dots_for(x, pattern):
+    from common.kreciprocal import _row_ids
+
+    rows = _row_ids(pattern.indptr)
+    return np.einsum("ij,ij->i", x[rows], x[pattern.indices]).astype(np.float32)
+
+
+def test_reciprocal_pair_equals_two_separate_computations():
+    from common.kreciprocal import reciprocal_pair
+
+    x = clustered_features(n=500, d=16, ids=40, noise=0.8, seed=2)
+    rank = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :30]
+    for n_forward, n_half in [(30, 16), (20, 11), (5, 5), (1, 1)]:
+        r, rh = reciprocal_pair(rank, n_forward, n_half)
+        for got, length in [(r, n_forward), (rh, n_half)]:
+            want = reciprocal_neighbours(rank, length)
+            assert got.has_sorted_indices and (got != want).nnz == 0 and (got.data == 1).all()
+
+
+def test_pair_dots_match_numpy_in_any_row_order_and_chunking():
+    from common.kreciprocal import pair_dots
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 40)).astype(np.float32)
+    rows = rng.integers(0, 300, 5000)
+    cols = rng.integers(0, 300, 5000)
+    want = np.einsum("ij,ij->i", x[rows].astype(np.float64), x[cols].astype(np.float64))
+    for chunk in (1 << 16, 777, 1):  # chunks that split a row's pairs, down to one pair per call
+        np.testing.assert_allclose(pair_dots(x, rows, cols, chunk=chunk), want, atol=1e-4, rtol=1e-5)
+    srt = np.argsort(rows, kind="stable")
+    np.testing.assert_allclose(pair_dots(x, rows[srt], cols[srt]), want[srt], atol=1e-4, rtol=1e-5)
+    assert pair_dots(x, rows[:0], cols[:0]).shape == (0,)
+
+
+def test_lookup_pairs_hand_example():
+    from common.kreciprocal import lookup_pairs
+
+    knn = np.array([[0, 2, 1], [1, 0, 2], [2, 1, 0]])
+    vals = np.array([[1.0, 0.5, 0.25], [1.0, 0.75, 0.125], [1.0, 0.0, 0.375]], np.float32)
+    got, found = lookup_pairs(np.array([0, 0, 1, 2, 2, 1]), np.array([1, 2, 2, 1, 0, 1]), knn, vals)
+    np.testing.assert_array_equal(found, [True, True, True, True, True, True])
+    np.testing.assert_array_equal(got, [0.25, 0.5, 0.125, 0.0, 0.375, 1.0])  # a stored 0.0 is still found
+    got, found = lookup_pairs(np.array([0, 1]), np.array([1, 2]), knn[:, :2], vals[:, :2])
+    np.testing.assert_array_equal(found, [False, False])
+    np.testing.assert_array_equal(got, [0.0, 0.0])
