@@ -48,6 +48,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Dict, Optional, Tuple
@@ -448,7 +449,7 @@ def _min_threshold(max_distance: float) -> float:
 _DENSE_FACTOR = 10
 
 #: light-entry budget σ of the pruned kernel, as a fraction of the min-sum threshold t (σ = fraction · t)
-LIGHT_FRACTION = 0.3
+LIGHT_FRACTION = 0.35
 
 #: at most this many float32 cells in the per-chunk dense copy of V_qe rows used to verify candidate pairs
 _VERIFY_CELLS = 1 << 22
@@ -663,6 +664,17 @@ def default_n_jobs() -> int:
     return max(1, min(8, cpus))
 
 
+#: a forked worker's last bytes: its payload is complete
+_FORK_DONE = b"PARTREID-FORK-DONE"
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # pragma: no cover - already reaped
+        pass
+
+
 def _fork_map(func, ranges: list) -> list:
     """``[func(a, b) for a, b in ranges]``, the first range in this process and each other one in a forked child.
 
@@ -687,6 +699,7 @@ def _fork_map(func, ranges: list) -> list:
                 payload = io.BytesIO()
                 for arr in func(a, b):
                     np.save(payload, np.ascontiguousarray(arr), allow_pickle=False)
+                payload.write(_FORK_DONE)
                 with os.fdopen(write_fd, "wb") as fh:
                     fh.write(payload.getbuffer())
                 status = 0
@@ -712,13 +725,16 @@ def _fork_map(func, ranges: list) -> list:
         if pid is not None:
             try:
                 with os.fdopen(read_fd, "rb") as fh:
-                    payload = io.BytesIO(fh.read())
-                res = tuple(np.load(payload, allow_pickle=False) for _ in range(len(first)))
+                    data = fh.read()
+                if data.endswith(_FORK_DONE):  # the child got to its last write
+                    payload = io.BytesIO(data)
+                    res = tuple(np.load(payload, allow_pickle=False) for _ in range(len(first)))
+                    if payload.tell() != len(data) - len(_FORK_DONE):
+                        res = None
             except (OSError, ValueError, EOFError):
                 res = None
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                res = None
+            # the child now only exits (its teardown takes milliseconds): reap it without waiting here
+            threading.Thread(target=_reap, args=(pid,), daemon=True).start()
         if res is None:
             _log.debug("forked worker for range [%d, %d) failed; computing it in the parent", a, b)
             res = func(a, b)

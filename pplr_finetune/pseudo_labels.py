@@ -106,6 +106,8 @@ def dbscan_labels(graph, eps: float, min_samples: int) -> np.ndarray:
 def _normalise_rows(x: np.ndarray, tol: float = 1e-4) -> np.ndarray:
     """L2-normalise rows unless they already are (within ``tol``), to leave normalised input bit-identical."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    if not np.isfinite(norms).all() and not np.isfinite(x).all():  # a NaN/inf anywhere makes its row's norm one
+        raise InputError("features contain NaN or infinite values")
     if x.shape[0] and np.abs(norms - 1.0).max() <= tol:
         return x
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
@@ -150,8 +152,6 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
     x = np.ascontiguousarray(features, dtype=np.float32)
     if x.ndim != 2:
         raise InputError(f"features must be 2-D (N, D), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise InputError("features contain NaN or infinite values")
     if convention not in CONVENTIONS:
         raise InputError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     if knn not in KNN_METHODS:
