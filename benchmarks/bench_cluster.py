@@ -12,6 +12,7 @@ bare exact faiss kNN search on the same data in the same process (``IndexFlatIP`
 
     python benchmarks/bench_cluster.py                      # Market and MSMT17 sizes
     python benchmarks/bench_cluster.py --sizes market --repeat 3
+    python benchmarks/bench_cluster.py --sizes market --stages cluster --jobs 1   # one process, no forked workers
     python benchmarks/bench_cluster.py --sizes none --approx-n 200000   # N=200k, D=384, --knn approximate (HNSW)
     python benchmarks/bench_cluster.py --files               # also the file-level functions (HDF5 in/out)
 
@@ -108,7 +109,7 @@ def _bare_knn(x: np.ndarray, k: int) -> float:
     return time.perf_counter() - t
 
 
-def worker_cluster(size: str, repeat: int, seed: int, files: bool, noise: float) -> dict:
+def worker_cluster(size: str, repeat: int, seed: int, files: bool, noise: float, jobs: int = 0) -> dict:
     from pplr_finetune.pseudo_labels import cluster_quality, pseudo_labels
 
     n, d, ids, cams = SIZES[size]
@@ -117,7 +118,7 @@ def worker_cluster(size: str, repeat: int, seed: int, files: bool, noise: float)
     for _ in range(repeat):
         knn_t.append(_bare_knn(x, 30))
         t = time.perf_counter()
-        res = pseudo_labels(x, k1=30, k2=6, eps=0.6, min_samples=4)
+        res = pseudo_labels(x, k1=30, k2=6, eps=0.6, min_samples=4, n_jobs=jobs or None)
         clu_t.append(time.perf_counter() - t)
     q = cluster_quality(res.labels, pid)
     out = {"stage": "cluster", "size": size, "n": n, "d": d, "knn_s": min(knn_t), "time_s": min(clu_t),
@@ -230,12 +231,14 @@ def main(argv=None) -> None:
     ap.add_argument("--approx-noise", type=float, default=1.2,
                     help="noise of the --approx-n features (12k random identities in D=384: the targets are time "
                          "and memory; HNSW's recall on such unstructured random clusters is modest)")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="worker processes of the Jaccard kernel (default 0: all CPUs, at most 8; 1: no forking)")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         kind = args._worker[0]
         if kind == "cluster":
-            res = worker_cluster(args._worker[1], args.repeat, args.seed, args.files, args.noise)
+            res = worker_cluster(args._worker[1], args.repeat, args.seed, args.files, args.noise, args.jobs)
         elif kind == "refine":
             res = worker_refine(args._worker[1], args.repeat, args.seed, args.files, args.noise)
         else:
@@ -249,7 +252,7 @@ def main(argv=None) -> None:
     stages = [s for s in args.stages.split(",") if s]
     print(f"bench_cluster: {os.cpu_count()} CPUs, numpy {np.__version__}; noise {args.noise}; times in seconds "
           f"(min of {args.repeat}), peak RSS of the whole worker process (forked helpers' own peak in brackets)")
-    common = (["--repeat", args.repeat, "--seed", args.seed, "--noise", args.noise]
+    common = (["--repeat", args.repeat, "--seed", args.seed, "--noise", args.noise, "--jobs", args.jobs]
               + (["--files"] if args.files else []))
     for s in sizes:
         for stage in stages:
