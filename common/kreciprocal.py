@@ -23,7 +23,7 @@ Step 6 is where the time goes: the min-sums have Σ_k c_k(c_k − 1)/2 terms (c_
 Market size), yet almost every pair that shares a column shares only a few small entries and is far from any
 useful eps. Only the pairs with d_ij <= max_distance are wanted, i.e. m_ij >= t. The kernel first sums over each
 row's heavy entries (all but the lightest ones, whose mass stays under a fraction of t), then recomputes the
-few candidate pairs that bound leaves exactly (see ``_JaccardKernel``): about a third of the terms, the same
+few candidate pairs that bound leaves exactly (see ``_JaccardKernel``): about a quarter of the terms, the same
 graph.
 
 Neighbour-count conventions (``convention``)
@@ -506,8 +506,8 @@ class _JaccardKernel:
     * a pair with m'_ij < t − s_i − s_j cannot either.
 
     The remaining candidate pairs get their exact m_ij = Σ_k min(V_qe[i,k], V_qe[j,k]) over all entries, from
-    a dense copy of the chunk's rows. The result is the same as without pruning; on re-ID features about two
-    thirds of the terms are skipped (most pairs that share a column share only a few light ones).
+    a dense copy of the chunk's rows. The result is the same as without pruning; at Market size about three
+    quarters of the terms are skipped (most pairs that share a column share only a few light ones).
     """
 
     def __init__(self, vp: sp.csr_matrix, max_distance: float, chunk_elems: int,
