@@ -117,14 +117,28 @@ def _check_knn(knn, n: Optional[int], width: int) -> np.ndarray:
     return knn
 
 
-def _pattern_csr(knn: np.ndarray, n_cols: int) -> sp.csr_matrix:
-    """0/1 float32 CSR matrix (N, N) with ones at (i, knn[i, :n_cols])."""
+def _pattern_csr(knn: np.ndarray, n_cols: int, column_values: Optional[np.ndarray] = None) -> sp.csr_matrix:
+    """float32 CSR matrix (N, N) with entries at (i, knn[i, :n_cols]): ones, or ``column_values[c]`` for the
+    entry from kNN column c (float32 (n_cols,))."""
     n = knn.shape[0]
     cols = np.ascontiguousarray(knn[:, :n_cols]).ravel()
     indptr = np.arange(0, n * n_cols + 1, n_cols, dtype=np.int64)
-    a = sp.csr_matrix((np.ones(cols.size, np.float32), cols, indptr), shape=(n, n))
+    data = (np.ones(cols.size, np.float32) if column_values is None
+            else np.tile(np.asarray(column_values, np.float32), n))
+    a = sp.csr_matrix((data, cols, indptr), shape=(n, n))
     a.sort_indices()
     return a
+
+
+def _keep_entries(a: sp.csr_matrix, keep: np.ndarray, data: Optional[np.ndarray] = None) -> sp.csr_matrix:
+    """The stored entries of CSR ``a`` where ``keep`` (bool (nnz,), storage order) holds, in the same order,
+    with ``data`` (float32 (nnz,), default ``a.data``) as values."""
+    counts = _segment_reduce(np.add, keep.astype(np.int64), a.indptr, 0)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    values = a.data if data is None else data
+    out = sp.csr_matrix((values[keep], a.indices[keep], indptr), shape=a.shape)
+    out.has_sorted_indices = a.has_sorted_indices
+    return out
 
 
 def _row_ids(indptr: np.ndarray) -> np.ndarray:
@@ -167,19 +181,12 @@ def reciprocal_pair(knn: np.ndarray, n_forward: int, n_half: int) -> Tuple[sp.cs
     """``(R, R½)``: :func:`reciprocal_neighbours` for both list lengths (n_half <= n_forward) from one
     sparse product. Each kNN entry carries 1 in the first n_half columns and 4 after, so the product of the
     two directions of a mutual pair is 1 exactly when both ranks fall in the half lists."""
-    n = knn.shape[0]
-    cols = np.ascontiguousarray(knn[:, :n_forward]).ravel()
-    w = np.where(np.arange(n_forward) < n_half, np.float32(1), np.float32(4)).astype(np.float32)
-    a = sp.csr_matrix((np.tile(w, n), cols, np.arange(0, n * n_forward + 1, n_forward, dtype=np.int64)),
-                      shape=(n, n))
-    a.sort_indices()
+    a = _pattern_csr(knn, n_forward, np.where(np.arange(n_forward) < n_half, 1.0, 4.0))
     prod = a.multiply(a.T).tocsr()
     prod.sort_indices()
-    half = prod.data == 1
-    rh_ptr = np.concatenate([[0], np.cumsum(_segment_reduce(np.add, half.astype(np.int64), prod.indptr, 0))])
-    rh = sp.csr_matrix((np.ones(int(half.sum()), np.float32), prod.indices[half], rh_ptr), shape=(n, n))
-    rh.has_sorted_indices = True
-    prod.data[:] = 1.0
+    ones = np.ones(prod.nnz, np.float32)
+    rh = _keep_entries(prod, prod.data == 1, ones)
+    prod.data = ones
     return prod, rh
 
 
@@ -513,22 +520,14 @@ class _JaccardKernel:
     def __init__(self, vp: sp.csr_matrix, max_distance: float, chunk_elems: int,
                  light_fraction: Optional[float] = None):
         self.n = vp.shape[0]
-        vp = vp.tocsr()
-        self.full = vp
-        self.full_indptr = vp.indptr.astype(np.int64)
-        self.full_indices = vp.indices.astype(np.int64)
-        self.full_data = vp.data.astype(np.float32, copy=False)
+        self.full = vp = vp.tocsr()
         t = _min_threshold(max_distance)
         if light_fraction is None:
             light_fraction = LIGHT_FRACTION
         light, self.light_mass = light_entries(vp, float(light_fraction) * t if t > 1e-6 else 0.0)
         self.verify = bool(light.any())
         if self.verify:
-            heavy = ~light
-            counts = _segment_reduce(np.add, heavy.astype(np.int64), self.full_indptr, 0)
-            indptr = np.concatenate([[0], np.cumsum(counts)])
-            vh = sp.csr_matrix((self.full_data[heavy], vp.indices[heavy], indptr), shape=vp.shape)
-            vh.has_sorted_indices = vp.has_sorted_indices
+            vh = _keep_entries(vp, ~light)
             # heavy-only sums below t − 2σ cannot lead to a pair within max_distance
             self.t_search = np.float32(max(t - 2.0 * float(self.light_mass.max(initial=0.0)) - 1e-4, 1e-30))
         else:
@@ -565,11 +564,11 @@ class _JaccardKernel:
         Rows r0..r1-1 are scattered into the zeroed dense buffer ``vbuf`` (>= (r1−r0)·N cells, zeroed again
         on return); each pair then reads row i's values at row j's columns (rows j gathered by scipy).
         """
-        n, indptr = self.n, self.full_indptr
-        e0, e1 = indptr[r0], indptr[r1]
-        cells = _row_ids(indptr[r0:r1 + 1] - e0) * n + self.full_indices[e0:e1]
-        vbuf[cells] = self.full_data[e0:e1]
-        rows_j = self.full[jj.astype(self.full.indices.dtype)]  # same dtype: scipy then converts nothing
+        n, full = self.n, self.full
+        e0, e1 = full.indptr[r0], full.indptr[r1]
+        cells = _row_ids(full.indptr[r0:r1 + 1] - e0) * n + full.indices[e0:e1]
+        vbuf[cells] = full.data[e0:e1]
+        rows_j = full[jj.astype(full.indices.dtype)]  # same dtype: scipy then converts nothing
         key = np.repeat((ii - r0) * n, np.diff(rows_j.indptr))
         key += rows_j.indices
         terms = np.take(vbuf, key)
