@@ -110,7 +110,7 @@ def _bare_knn(x: np.ndarray, k: int) -> float:
 
 
 def worker_cluster(size: str, repeat: int, seed: int, files: bool, noise: float, jobs: int = 0) -> dict:
-    from pplr_finetune.pseudo_labels import cluster_quality, pseudo_labels
+    from partreid.pplr_finetune.pseudo_labels import cluster_quality, pseudo_labels
 
     n, d, ids, cams = SIZES[size]
     x, _, pid, cam = make_features(n, d, ids, cams, seed=seed, sigma=noise)
@@ -133,8 +133,8 @@ def worker_cluster(size: str, repeat: int, seed: int, files: bool, noise: float,
 
 
 def worker_refine(size: str, repeat: int, seed: int, files: bool, noise: float) -> dict:
-    from common.search import knn_search
-    from pplr_finetune.cross_agreement import cross_agreement_from_features
+    from partreid.common.search import knn_search
+    from partreid.pplr_finetune.cross_agreement import cross_agreement_from_features
 
     n, d, ids, cams = SIZES[size]
     x, parts, pid, cam = make_features(n, d, ids, cams, parts=3, seed=seed, sigma=noise)
@@ -157,7 +157,7 @@ def worker_refine(size: str, repeat: int, seed: int, files: bool, noise: float) 
 
 
 def worker_approx(n: int, seed: int, noise: float) -> dict:
-    from pplr_finetune.pseudo_labels import cluster_quality, pseudo_labels
+    from partreid.pplr_finetune.pseudo_labels import cluster_quality, pseudo_labels
 
     d, ids, cams = 384, max(1, n // 17), 20
     x, _, pid, _ = make_features(n, d, ids, cams, seed=seed, sigma=noise)
@@ -173,9 +173,9 @@ def worker_approx(n: int, seed: int, noise: float) -> dict:
 
 def _file_level(x, parts, pid, cam, stage: str) -> float:
     """Seconds of the file-level function (HDF5 read, hashing, write) on a temporary features file."""
-    from common.h5io import write_features
-    from pplr_finetune.cross_agreement import refine_labels_file
-    from pplr_finetune.pseudo_labels import cluster_features_file
+    from partreid.common.h5io import write_features
+    from partreid.pplr_finetune.cross_agreement import refine_labels_file
+    from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
     with tempfile.TemporaryDirectory() as tmp:
         feats = Path(tmp) / "features.h5"

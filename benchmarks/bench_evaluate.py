@@ -103,7 +103,7 @@ def peer_evaluate(qf, gf, q_pids, q_camids, g_pids, g_camids, max_rank=50):
 
 def child(name: str, dim: int, mode: str, scale_range) -> dict:
     import torch  # noqa: F401  (import cost outside the timed region, as in a real CLI run)
-    from common.evaluation import evaluate_features
+    from partreid.common.evaluation import evaluate_features
 
     t0 = time.perf_counter()
     data = make_features(name, dim, scale_range=scale_range)

@@ -28,10 +28,10 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from common.datasets import load_dataset
-    from common.distributed import autocast
-    from common.extract import FeatureOptions, compute_batch, extract_to_file
-    from common.models.loader import load_model
+    from partreid.common.datasets import load_dataset
+    from partreid.common.distributed import autocast
+    from partreid.common.extract import FeatureOptions, compute_batch, extract_to_file
+    from partreid.common.models.loader import load_model
 
     shared = REPO.parent / "shared" / "data" / "cuhk01"
     spec = f"market1501:{shared}" if shared.exists() else f"folder:{REPO / 'data' / 'sample' / 'vtest'}"

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pass_pretrain.augment import PassMultiCropAugment  # noqa: E402
-from pass_pretrain.train import PassConfig, PassTrainer  # noqa: E402
+from partreid.pass_pretrain.augment import PassMultiCropAugment  # noqa: E402
+from partreid.pass_pretrain.train import PassConfig, PassTrainer  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -20,9 +20,9 @@ from typing import Callable, Optional
 
 import click
 
-from common import __version__
-from common.distributed import resolve_device  # noqa: F401 - the commands import it from here
-from common.errors import InputError
+from partreid.common import __version__
+from partreid.common.distributed import resolve_device  # noqa: F401 - the commands import it from here
+from partreid.common.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
 log = logging.getLogger("partreid")
@@ -64,7 +64,7 @@ def emit_output(path) -> None:
 def seed_everything(seed: Optional[int]) -> None:
     """Seed Python, NumPy and torch RNGs (no-op for None)."""
     if seed is not None:
-        from common.rng import seed_everything as seed_all
+        from partreid.common.rng import seed_everything as seed_all
 
         seed_all(seed)
 

@@ -2,7 +2,7 @@
 
 import click
 
-from cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import common_options, emit_output, guarded, read_input_path
 
 
 def parse_sweep(value):
@@ -52,14 +52,14 @@ def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_
     stdout. The report (clusters, outliers, size histogram, and NMI/ARI/pairwise P/R/F when the features
     file has real pids) goes to stderr.
     """
-    from pplr_finetune.pseudo_labels import cluster_features_file
+    from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
     path, report = cluster_features_file(read_input_path(features, "features file"), out, k1=k1, k2=k2, eps=eps,
                                          min_samples=min_samples, convention=convention, knn=knn_method,
                                          sweep=parse_sweep(sweep_eps), device=device)
     click.echo(report, err=True)
     if plot_clusters:
-        from common.pipeline import plot_clusters_file
+        from partreid.common.pipeline import plot_clusters_file
 
         click.echo(f"clusters picture: {plot_clusters_file(path, plot_clusters)}", err=True)
     emit_output(path)

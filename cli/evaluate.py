@@ -4,8 +4,8 @@ import json
 
 import click
 
-from cli._common import common_options, emit_output, guarded, read_input_path, resolve_device, seed_everything
-from cli.extract_features import parse_size
+from partreid.cli._common import common_options, emit_output, guarded, read_input_path, resolve_device, seed_everything
+from partreid.cli.extract_features import parse_size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -51,9 +51,9 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     Distances and rankings are processed in chunks of queries, so memory stays bounded. Without --out the
     table is printed on stdout.
     """
-    from common.errors import InputError
-    from common.fileio import atomic_path
-    from common.pipeline import evaluate_checkpoint, evaluate_files, format_metrics_table
+    from partreid.common.errors import InputError
+    from partreid.common.fileio import atomic_path
+    from partreid.common.pipeline import evaluate_checkpoint, evaluate_files, format_metrics_table
 
     seed_everything(seed)
     kwargs = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric,

@@ -2,7 +2,7 @@
 
 import click
 
-from cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
+from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
 
 
 def parse_size(value):
@@ -56,8 +56,8 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     with. Runs under torchrun too: each rank extracts its share and rank 0 writes the file. Prints the
     output path on stdout.
     """
-    from common.distributed import init_distributed
-    from common.pipeline import extract_features
+    from partreid.common.distributed import init_distributed
+    from partreid.common.pipeline import extract_features
 
     seed_everything(seed)
     device = init_distributed(resolve_device(device))
@@ -65,7 +65,7 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
                             normalize=normalize, parts=not no_parts, arch=arch, image_size=parse_size(image_size),
                             interpolation=interpolation, batch_size=batch_size, workers=workers, device=device,
                             resume=resume, strict=strict)
-    from common.distributed import is_main_process
+    from partreid.common.distributed import is_main_process
 
     if is_main_process():
         emit_output(path)

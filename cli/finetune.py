@@ -2,8 +2,8 @@
 
 import click
 
-from cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
-from cli.extract_features import parse_size
+from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
+from partreid.cli.extract_features import parse_size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -81,8 +81,8 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
     last.pth (the model, for extract-features/evaluate), metrics.csv and summary.json in --out, and prints
     the path of last.pth. Results are reported for the LAST epoch.
     """
-    from common.distributed import init_distributed
-    from pplr_finetune.train import FinetuneConfig, finetune
+    from partreid.common.distributed import init_distributed
+    from partreid.pplr_finetune.train import FinetuneConfig, finetune
 
     seed_everything(seed)
     device = init_distributed(resolve_device(device))
@@ -96,7 +96,7 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
         keep_intermediate=keep_intermediate, resnet_weights=resnet_weights, workers=workers, amp=amp,
         resume=resume, seed=seed, device=device, progress=not quiet)
     path = finetune(cfg, out, plot=plot)
-    from common.distributed import is_main_process
+    from partreid.common.distributed import is_main_process
 
     if is_main_process():
         emit_output(path)

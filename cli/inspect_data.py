@@ -2,7 +2,7 @@
 
 import click
 
-from cli._common import common_options, guarded, read_input_path
+from partreid.cli._common import common_options, guarded, read_input_path
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -22,6 +22,6 @@ def main(target, device, seed, verbose, debug):
     csv:FILE, luperson:ROOT or a bare NAME under $REID_DATA), a features file or a labels file. When omitted
     or '-', the path is read from stdin. The summary itself is this command's output (stdout).
     """
-    from common.inspect import describe
+    from partreid.common.inspect import describe
 
     click.echo(describe(read_input_path(target, "dataset spec or file")))

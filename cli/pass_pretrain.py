@@ -2,8 +2,8 @@
 
 import click
 
-from cli._common import common_options, emit_output, guarded, read_input_path
-from cli.extract_features import parse_size
+from partreid.cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli.extract_features import parse_size
 
 
 class _TrainOrExport(click.Group):
@@ -78,10 +78,10 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     """
     if ctx.invoked_subcommand is not None:
         return
-    from common.datasets import load_dataset
-    from common.errors import InputError
-    from common.images import ImageDataset
-    from pass_pretrain.train import PassConfig, train_pass
+    from partreid.common.datasets import load_dataset
+    from partreid.common.errors import InputError
+    from partreid.common.images import ImageDataset
+    from partreid.pass_pretrain.train import PassConfig, train_pass
 
     if not spec or not out:
         raise InputError("pass-pretrain needs --data SPEC and --out RUN_DIR (see --help)")
@@ -97,7 +97,7 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     ds = load_dataset(spec, refresh=refresh_index, strict=strict)
     frame = ds.split("train") if "train" in set(ds.frame["split"]) else ds.frame
     ckpt = train_pass(config, ImageDataset(ds, frame.reset_index(drop=True), transform=None), out, resume=resume)
-    from common.distributed import is_main_process
+    from partreid.common.distributed import is_main_process
 
     if is_main_process():
         backbone = ckpt.parent / "teacher_backbone.pth"
@@ -116,6 +116,6 @@ Examples:
 @guarded
 def export(run, out, verbose, debug):
     """Write the teacher backbone of RUN (a run folder or checkpoint) alone, in the official PASS key layout."""
-    from pass_pretrain.train import export_backbone
+    from partreid.pass_pretrain.train import export_backbone
 
     emit_output(export_backbone(read_input_path(run, "run folder"), out))

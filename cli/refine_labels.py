@@ -2,7 +2,7 @@
 
 import click
 
-from cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import common_options, emit_output, guarded, read_input_path
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -24,7 +24,7 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     part-n feature spaces. The features are found through the labels file's reference (the content hash must
     match). LABELS is read from stdin when omitted or '-'. Prints the output path on stdout.
     """
-    from pplr_finetune.cross_agreement import refine_labels_file
+    from partreid.pplr_finetune.cross_agreement import refine_labels_file
 
     path, report = refine_labels_file(read_input_path(labels, "labels file"), out, k=k, plot=plot, device=device)
     click.echo(report, err=True)

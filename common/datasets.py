@@ -47,8 +47,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from common.errors import InputError
-from common.fileio import atomic_path
+from partreid.common.errors import InputError
+from partreid.common.fileio import atomic_path
 
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS: Tuple[str, ...] = ("train", "query", "gallery", "all")
@@ -192,7 +192,7 @@ class ReIDDataset:
         Raises:
             OSError: the image is missing, unreadable or corrupt (the message names it).
         """
-        from common.images import LmdbReader, decode_image_bytes, open_image_file
+        from partreid.common.images import LmdbReader, decode_image_bytes, open_image_file
         if self.lmdb_path is not None:
             if self._lmdb_reader is None:
                 self._lmdb_reader = LmdbReader(self.lmdb_path)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 
 def resolve_device(device: str) -> str:

@@ -53,7 +53,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 __all__ = [
     "distance_chunks",
@@ -412,7 +412,7 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
     if rerank:
         if metric != "euclidean":
             raise InputError("re-ranking uses the squared Euclidean distance; use metric='euclidean'")
-        from common.reranking import reranked_distance_chunks
+        from partreid.common.reranking import reranked_distance_chunks
         chunks = reranked_distance_chunks(q, g, k1, k2, lambda_value, chunk_size)
     else:
         chunks = _checked_distance_iter(q, g, metric, chunk_size)

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from common.errors import InputError
-from common.h5io import FeaturesWriter
-from common.distributed import autocast, rank as dist_rank, world_size as dist_world_size
-from common.models.loader import LoadedModel
-from common.models.reid import fuse_features
+from partreid.common.errors import InputError
+from partreid.common.h5io import FeaturesWriter
+from partreid.common.distributed import autocast, rank as dist_rank, world_size as dist_world_size
+from partreid.common.models.loader import LoadedModel
+from partreid.common.models.reid import fuse_features
 
 log = logging.getLogger("partreid.extract")
 
@@ -120,7 +120,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
     Raises:
         InputError: empty selection, or an unreadable image with ``strict=True``.
     """
-    from common.images import ImageDataset, collate_skip_none
+    from partreid.common.images import ImageDataset, collate_skip_none
 
     opts = opts or FeatureOptions()
     if len(frame) == 0:
@@ -231,7 +231,7 @@ def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOpti
         (global (N', Dg) float32, parts (N', P, Dp) float32 or None, kept (N',) int64 row indices into ``frame``;
         unreadable images are left out).
     """
-    from common.images import ImageDataset, collate_skip_none
+    from partreid.common.images import ImageDataset, collate_skip_none
 
     opts = opts or FeatureOptions()
     model = loaded.model.to(device).eval()

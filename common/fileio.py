@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 PathLike = Union[str, os.PathLike]
 

@@ -43,9 +43,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import h5py
 import numpy as np
 
-from common import __version__
-from common.errors import InputError
-from common.fileio import PathLike, atomic_path, sha256_file
+from partreid.common import __version__
+from partreid.common.errors import InputError
+from partreid.common.fileio import PathLike, atomic_path, sha256_file
 
 FEATURES_FORMAT = "partreid.features"
 LABELS_FORMAT = "partreid.labels"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 #: ImageNet pixel mean and std (RGB, 0-1 scale): PASS pre-training and PPLR normalise with these
 #: (reference-spec §A.3, §C.5); the downstream PASS recipes use 0.5/0.5 instead.
@@ -36,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from common.datasets import ReIDDataset
+    from partreid.common.datasets import ReIDDataset
 
 # What Pillow raises on damaged data besides OSError: broken PNG chunks raise SyntaxError, some truncated
 # headers struct.error or EOFError, absurd sizes DecompressionBombError.
@@ -94,7 +94,7 @@ class LmdbReader:
         Raises:
             OSError: the key is absent or the LMDB cannot be read.
         """
-        from common.datasets import import_lmdb, lmdb_environment
+        from partreid.common.datasets import import_lmdb, lmdb_environment
         env = lmdb_environment(self.path)  # per process, shared with other readers of the same LMDB
         try:
             with env.begin(write=False) as txn:

@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 import h5py
 import numpy as np
 
-from common.errors import InputError
-from common.h5io import FEATURES_FORMAT, LABELS_FORMAT, read_features, read_labels
+from partreid.common.errors import InputError
+from partreid.common.h5io import FEATURES_FORMAT, LABELS_FORMAT, read_features, read_labels
 
 
 _SIZE_BINS = [(1, 1), (2, 3), (4, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 500),
@@ -89,7 +89,7 @@ def describe_labels(path) -> str:
 
 def describe_dataset(spec: str) -> str:
     """Summary table of a dataset spec (ids, images, cameras per split), with its full fingerprint."""
-    from common.datasets import load_dataset
+    from partreid.common.datasets import load_dataset
 
     ds = load_dataset(spec, verbose=False)
     return f"{ds.summary()}\n  spec: {spec}\n  fingerprint: {ds.fingerprint}"

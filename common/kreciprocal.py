@@ -57,7 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 _log = logging.getLogger("partreid")
 
@@ -272,7 +272,7 @@ def pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 
     Args:
         x: float32 (N, D) features; rows, cols: int64 (M,) pair indices.
     """
-    from common.search import _faiss
+    from partreid.common.search import _faiss
 
     faiss = _faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -910,7 +910,7 @@ def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, *, max_distance: fl
     if n < width:
         raise InputError(f"{n} samples are too few for k1={k1} ({convention} convention needs {width})")
     if knn is None:
-        from common.search import knn_search
+        from partreid.common.search import knn_search
 
         t = time.perf_counter()
         kw = dict(search or {})

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Tuple
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 log = logging.getLogger("partreid")
 
@@ -52,9 +52,9 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
     Raises:
         InputError: bad checkpoint, dataset spec or split; see :func:`common.extract.extract_to_file`.
     """
-    from common.datasets import load_dataset
-    from common.extract import FeatureOptions, extract_to_file
-    from common.models.loader import load_model
+    from partreid.common.datasets import load_dataset
+    from partreid.common.extract import FeatureOptions, extract_to_file
+    from partreid.common.models.loader import load_model
 
     ds = load_dataset(spec, verbose=verbose, strict=strict)
     split, frame = choose_split(ds, split)
@@ -89,7 +89,7 @@ def image_refs(attrs: dict, paths) -> list:
 
     root = Path(str(attrs.get("dataset_root", "")))
     if (root / "keys.pkl").exists():
-        from common.datasets import load_dataset
+        from partreid.common.datasets import load_dataset
 
         ds = load_dataset(str(attrs.get("dataset")), verbose=False)
         return [functools.partial(ds.open_image, p) for p in paths]
@@ -99,7 +99,7 @@ def image_refs(attrs: dict, paths) -> list:
 def evaluate_arrays(qf, gf, q_pids, q_camids, g_pids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
                     lambda_value: float = 0.3, protocol: str = "market", metric: str = "euclidean") -> dict:
     """mAP/CMC/mINP of query features against gallery features (see :mod:`common.evaluation`)."""
-    from common.evaluation import evaluate_features
+    from partreid.common.evaluation import evaluate_features
 
     metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric, rerank=rerank, k1=k1,
                                 k2=k2, lambda_value=lambda_value, protocol=protocol)
@@ -122,7 +122,7 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
     Raises:
         InputError: unreadable files, or feature widths that differ.
     """
-    from common.h5io import read_features
+    from partreid.common.h5io import read_features
 
     q = read_features(query, parts=False)
     g = read_features(gallery, parts=False)
@@ -142,8 +142,8 @@ def save_rank_pictures(q, g, n: int, out_dir, metric: str = "euclidean", topk: i
     (same-pid same-camera junk skipped; green = right, red = wrong)."""
     import numpy as np
 
-    from common.evaluation import distance_chunks, topk_per_query
-    from common.visualize import save_ranked_lists
+    from partreid.common.evaluation import distance_chunks, topk_per_query
+    from partreid.common.visualize import save_ranked_lists
 
     if out_dir is None:
         raise InputError("--show-ranks needs --out-dir")
@@ -183,8 +183,8 @@ def evaluate_checkpoint(checkpoint: str, spec: str, *, fusion: str = "auto", nec
 def plot_clusters_file(labels_path, out_png, max_clusters: int = 16, per_row: int = 12) -> Path:
     """``clusters.png`` of a labels file: one row of crops per discovered identity (see
     :func:`common.visualize.save_cluster_grid`); true pids, when known, colour the frames."""
-    from common.h5io import features_for_labels, read_labels
-    from common.visualize import save_cluster_grid
+    from partreid.common.h5io import features_for_labels, read_labels
+    from partreid.common.visualize import save_cluster_grid
 
     labels = read_labels(labels_path)
     feats = features_for_labels(labels, parts=False)

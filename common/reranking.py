@@ -31,10 +31,10 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from common.errors import InputError
-from common.kreciprocal import (InvertedIndex, encode, expanded_sets, local_query_expansion, lookup_pairs,
+from partreid.common.errors import InputError
+from partreid.common.kreciprocal import (InvertedIndex, encode, expanded_sets, local_query_expansion, lookup_pairs,
                                 min_sum_block, neighbour_counts, pair_dots, _check_knn, _row_ids)
-from common.search import knn_search
+from partreid.common.search import knn_search
 
 #: default cap on the float32 entries of one streamed (chunk, G) block
 _BLOCK_ENTRIES = 4_000_000

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 METRICS = ("ip", "l2")
 METHODS = ("exact", "hnsw", "ivf")

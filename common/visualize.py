@@ -22,8 +22,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common.errors import InputError
-from common.fileio import atomic_path
+from partreid.common.errors import InputError
+from partreid.common.fileio import atomic_path
 
 __all__ = ["save_ranked_lists", "ranked_list_layout", "RIGHT_COLOR", "WRONG_COLOR", "QUERY_COLOR",
            "EMPTY_COLOR"]

@@ -21,8 +21,8 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from common.errors import InputError
-from common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.errors import InputError
+from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

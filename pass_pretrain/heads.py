@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch.nn.utils.parametrizations import weight_norm
 
-from common.errors import InputError
-from common.models.vit import PartViT
-from pass_pretrain.augment import CropLayout
+from partreid.common.errors import InputError
+from partreid.common.models.vit import PartViT
+from partreid.pass_pretrain.augment import CropLayout
 
 
 class DINOHead(nn.Module):

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import InputError
-from pass_pretrain.augment import CropLayout
-from pass_pretrain.heads import MultiCropOutput
+from partreid.common.errors import InputError
+from partreid.pass_pretrain.augment import CropLayout
+from partreid.pass_pretrain.heads import MultiCropOutput
 
 
 def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,

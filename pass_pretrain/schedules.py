@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 
 def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_epoch: int,

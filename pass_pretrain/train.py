@@ -40,15 +40,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-import common.distributed as cdist
-from common.errors import InputError
-from common.rng import rng_state, seed_everything, set_rng_state
-from common.fileio import atomic_path
-from common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
-from pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
-from pass_pretrain.heads import PASSMultiCrop
-from pass_pretrain.loss import PASSLoss
-from pass_pretrain.schedules import pass_schedules, scaled_lr
+import partreid.common.distributed as cdist
+from partreid.common.errors import InputError
+from partreid.common.rng import rng_state, seed_everything, set_rng_state
+from partreid.common.fileio import atomic_path
+from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
+from partreid.pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
+from partreid.pass_pretrain.heads import PASSMultiCrop
+from partreid.pass_pretrain.loss import PASSLoss
+from partreid.pass_pretrain.schedules import pass_schedules, scaled_lr
 
 CHECKPOINT_NAME = "checkpoint.pth"
 METRICS_NAME = "metrics.csv"

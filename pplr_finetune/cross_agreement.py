@@ -24,8 +24,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from common.errors import InputError
-from common.search import exclude_self_columns, knn_search
+from partreid.common.errors import InputError
+from partreid.common.search import exclude_self_columns, knn_search
 
 #: rows per block of the vectorised set intersection (bounds the temporary (rows, P, 2k) arrays)
 _ROWS_PER_BLOCK = 32768
@@ -167,7 +167,7 @@ def plot_agreement(agreement, out, bins: int = 21) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from common.fileio import atomic_path
+    from partreid.common.fileio import atomic_path
 
     a = np.asarray(agreement, np.float32)
     n_parts = a.shape[1]
@@ -211,7 +211,7 @@ def refine_labels_file(labels_path, out, *, k: int = 20, plot=None, command: str
     Raises:
         InputError: unreadable files, hash mismatch, a features file without ``parts``, N <= k.
     """
-    from common.h5io import features_for_labels, read_labels, write_labels
+    from partreid.common.h5io import features_for_labels, read_labels, write_labels
 
     t0 = time.perf_counter()
     labels = read_labels(labels_path)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 __all__ = [
     "pglr_refined_target", "pglr_loss", "aals_loss", "ce_label_smooth", "pairwise_euclidean",

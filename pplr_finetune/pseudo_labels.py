@@ -20,10 +20,10 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
-from common.errors import InputError
-from common.inspect import size_histogram  # noqa: F401 - re-exported: the cluster report uses it
-from common.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
-from common.search import knn_search
+from partreid.common.errors import InputError
+from partreid.common.inspect import size_histogram  # noqa: F401 - re-exported: the cluster report uses it
+from partreid.common.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
+from partreid.common.search import knn_search
 
 #: ``knn`` choices of :func:`pseudo_labels` → faiss search method
 KNN_METHODS = {"exact": "exact", "approximate": "hnsw", "hnsw": "hnsw", "ivf": "ivf"}
@@ -344,7 +344,7 @@ def cluster_features_file(features_path, out, *, k1: int = 30, k2: int = 6, eps:
     Raises:
         InputError: unreadable/invalid features file, bad parameters, ``out`` equal to the input.
     """
-    from common.h5io import read_features, write_labels
+    from partreid.common.h5io import read_features, write_labels
 
     feats = read_features(features_path, parts=False)
     sweep = [float(e) for e in sweep] if sweep else None

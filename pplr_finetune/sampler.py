@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 from torch.utils.data import Sampler
 
-from common.errors import InputError
+from partreid.common.errors import InputError
 
 __all__ = ["PKSampler", "pk_pass"]
 

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common import distributed as dist
-from common.errors import InputError
-from common.fileio import atomic_path
-from common.images import IMAGENET_MEAN, IMAGENET_STD
-from common.rng import rng_state, seed_everything, set_rng_state
+from partreid.common import distributed as dist
+from partreid.common.errors import InputError
+from partreid.common.fileio import atomic_path
+from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("partreid.finetune")
 
@@ -162,8 +162,8 @@ def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
 
 def build_model(cfg: FinetuneConfig):
     """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone)."""
-    from common.models.loader import load_model
-    from common.models.reid import ReIDModel
+    from partreid.common.models.loader import load_model
+    from partreid.common.models.reid import ReIDModel
 
     if cfg.arch == "resnet50" and (not cfg.checkpoint or cfg.checkpoint == "random:resnet50"):
         loaded = load_model("random:resnet50", resnet_weights=cfg.resnet_weights, image_size=cfg.image_size)
@@ -185,7 +185,7 @@ class _Run:
     """State of one fine-tuning run (kept in one object so the epoch steps read top to bottom)."""
 
     def __init__(self, cfg: FinetuneConfig, out_dir: Path):
-        from common.datasets import load_dataset
+        from partreid.common.datasets import load_dataset
 
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -193,12 +193,12 @@ class _Run:
         self.device = cfg.device
         labels_file = None
         if cfg.labels:
-            from common.h5io import read_labels
+            from partreid.common.h5io import read_labels
 
             labels_file = read_labels(cfg.labels)
         spec = cfg.data
         if not spec and labels_file is not None:
-            from common.h5io import features_for_labels
+            from partreid.common.h5io import features_for_labels
 
             spec = str(features_for_labels(labels_file, parts=False).attrs.get("dataset", ""))
         if not spec:
@@ -206,7 +206,7 @@ class _Run:
         self.ds = load_dataset(spec, verbose=self.rank == 0)
         self.spec = spec
         self.labels_file = labels_file
-        from common.pipeline import choose_split
+        from partreid.common.pipeline import choose_split
 
         _, self.train_frame = choose_split(self.ds, "train" if "train" in set(self.ds.frame["split"]) else None)
         eval_ds = load_dataset(cfg.eval_data, verbose=False) if cfg.eval_data else self.ds
@@ -248,7 +248,7 @@ class _Run:
 
     def as_loaded(self, source: str):
         """The model being trained, wrapped for :mod:`common.extract` (BNNeck features, this run's input)."""
-        from common.models.loader import LoadedModel
+        from partreid.common.models.loader import LoadedModel
 
         return LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std, source,
                            "finetune", dict(self.meta))
@@ -260,7 +260,7 @@ class _Run:
 
     def save(self, epoch: int) -> None:
         """Atomically write the training state after ``epoch`` (resume point) and ``last.pth`` (the model)."""
-        from common.models.reid import save_reid_checkpoint
+        from partreid.common.models.reid import save_reid_checkpoint
 
         if self.rank != 0:
             return
@@ -298,10 +298,10 @@ class _Run:
     # -- steps 1-3: pseudo-labels through the stage functions
     def pseudo_labels(self, epoch: int) -> Dict[str, np.ndarray]:
         """Extract → cluster → refine for this epoch; returns labels, agreement, camid, path and the features."""
-        from common.extract import FeatureOptions, extract_to_file
-        from common.h5io import features_for_labels, read_labels
-        from pplr_finetune.cross_agreement import refine_labels_file
-        from pplr_finetune.pseudo_labels import cluster_features_file
+        from partreid.common.extract import FeatureOptions, extract_to_file
+        from partreid.common.h5io import features_for_labels, read_labels
+        from partreid.pplr_finetune.cross_agreement import refine_labels_file
+        from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
         cfg = self.cfg
         work = Path(cfg.keep_intermediate) if cfg.keep_intermediate else self.out / "work"
@@ -342,10 +342,10 @@ class _Run:
 
     # -- step 4: one epoch of training
     def train_epoch(self, epoch: int, pl: Dict[str, np.ndarray]) -> Dict[str, float]:
-        from common.images import ImageDataset, collate_skip_none
-        from common.models.reid import cluster_centroids
-        from pplr_finetune import losses as L
-        from pplr_finetune.sampler import PKSampler
+        from partreid.common.images import ImageDataset, collate_skip_none
+        from partreid.common.models.reid import cluster_centroids
+        from partreid.pplr_finetune import losses as L
+        from partreid.pplr_finetune.sampler import PKSampler
 
         cfg = self.cfg
         labels = np.asarray(pl["labels"], dtype=np.int64)
@@ -359,7 +359,7 @@ class _Run:
         self.model.reset_classifiers(g_cent, p_cent, self.optimizer)
         memory = None
         if cfg.loss == "cluster-contrast":
-            from pplr_finetune.cluster_memory import HardClusterMemory
+            from partreid.pplr_finetune.cluster_memory import HardClusterMemory
 
             memory = HardClusterMemory(g_cent, cfg.memory_temperature, cfg.memory_momentum).to(self.device)
         proxies = None
@@ -452,8 +452,8 @@ class _Run:
         """mAP/CMC on the labelled query/gallery with the current model (rank 0), or None without one."""
         if self.eval_ds is None or self.rank != 0:
             return None
-        from common.extract import FeatureOptions, extract_arrays
-        from common.pipeline import evaluate_arrays
+        from partreid.common.extract import FeatureOptions, extract_arrays
+        from partreid.common.pipeline import evaluate_arrays
 
         feats = {}
         for split in ("query", "gallery"):

@@ -31,7 +31,7 @@ def script(name: str) -> str:
 @pytest.fixture
 def features_file(tmp_path):
     """A small valid features file: 12 rows, D=8, P=3 parts, 3 pids × 2 cameras."""
-    from common.h5io import write_features
+    from partreid.common.h5io import write_features
 
     rng = np.random.default_rng(0)
     g = rng.normal(size=(12, 8)).astype(np.float32)

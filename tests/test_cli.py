@@ -39,11 +39,11 @@ def test_bad_option_exits_2():
 
 
 def test_worker_wrapped_input_error_is_one_line():
-    from cli._common import one_line
-    from common.errors import InputError
+    from partreid.cli._common import one_line
+    from partreid.common.errors import InputError
 
     wrapped = InputError("Caught InputError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1\ncommon.errors.InputError: /d/a.jpg: cannot identify image")
+                         "last):\n  File \"x.py\", line 1\npartreid.common.errors.InputError: /d/a.jpg: cannot identify image")
     assert one_line(wrapped) == "/d/a.jpg: cannot identify image"
     assert one_line(InputError("plain")) == "plain"
 
@@ -62,7 +62,7 @@ def test_strict_unreadable_image_exits_2_with_one_line(tmp_path):
     assert last.startswith("error: ") and "0002_c2_0000.jpg" in last and "Traceback" not in proc.stderr
     ok = subprocess.run(base + [str(tmp_path / "ok.h5")], capture_output=True, text=True)  # default: skip + count
     assert ok.returncode == 0, ok.stderr[-1500:]
-    from common.h5io import read_features
+    from partreid.common.h5io import read_features
 
     f = read_features(tmp_path / "ok.h5")
     assert len(f) == 3 and f.attrs["num_skipped"] == 1 and "0002_c2_0000.jpg" in ok.stderr

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from pplr_finetune.cross_agreement import (agreement_statistics, cross_agreement, cross_agreement_from_features,
+from partreid.common.errors import InputError
+from partreid.pplr_finetune.cross_agreement import (agreement_statistics, cross_agreement, cross_agreement_from_features,
                                            refine_labels_file)
 
 
@@ -72,7 +72,7 @@ def test_reuses_global_lists_and_excludes_self_by_index():
     g, parts = _part_features(n=200, seed=2)
     g[7] = g[3]
     parts[7] = parts[3]  # an exact duplicate image
-    from common.search import knn_search
+    from partreid.common.search import knn_search
     _, table = knn_search(g / np.linalg.norm(g, axis=1, keepdims=True), 15)  # self included, like `cluster`
     with_lists = cross_agreement_from_features(g, parts, 10, global_knn=table)
     without = cross_agreement_from_features(g, parts, 10)
@@ -104,8 +104,8 @@ def test_statistics_table():
 
 
 def test_refine_labels_file(tmp_path):
-    from common.h5io import read_labels, write_features
-    from pplr_finetune.pseudo_labels import cluster_features_file
+    from partreid.common.h5io import read_labels, write_features
+    from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
     g, parts = _part_features(n=300, seed=3)
     feats = tmp_path / "f.h5"

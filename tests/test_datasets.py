@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common.datasets import compute_fingerprint, load_dataset, load_file_index
-from common.errors import InputError
-from common.images import ImageDataset, collate_skip_none, missing_rows
+from partreid.common.datasets import compute_fingerprint, load_dataset, load_file_index
+from partreid.common.errors import InputError
+from partreid.common.images import ImageDataset, collate_skip_none, missing_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from common.h5io import read_features, read_labels
+from partreid.common.h5io import read_features, read_labels
 from tests.conftest import script, shared_data
 
 EPOCHS = 2  # epoch 0 trains on the shell pipeline's labels, epoch 1 re-clusters

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.h5io import read_labels
+from partreid.common.h5io import read_labels
 from tests.conftest import script
 
 
@@ -30,7 +30,7 @@ def _make_dataset(root, ids=12, per_id=4, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from common.models.vit import PartViT, save_backbone
+    from partreid.common.models.vit import PartViT, save_backbone
 
     root = tmp_path_factory.mktemp("synth")
     _make_dataset(root / "data")
@@ -41,7 +41,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def _config(root, ckpt, epochs, **kw):
-    from pplr_finetune.train import FinetuneConfig
+    from partreid.pplr_finetune.train import FinetuneConfig
 
     base = dict(checkpoint=str(ckpt), data=f"market1501:{root / 'data'}", epochs=epochs, iters=2, batch_size=16,
                 num_instances=4, k1=6, k2=2, eps=0.6, min_samples=2, k=4, aals_epoch=1, eval_every=1, workers=0,
@@ -55,7 +55,7 @@ def _state(path):
 
 
 def test_resume_equals_uninterrupted(tiny_setup, tmp_path):
-    from pplr_finetune.train import finetune
+    from partreid.pplr_finetune.train import finetune
 
     root, ckpt = tiny_setup
     finetune(_config(root, ckpt, 2), tmp_path / "full")
@@ -73,8 +73,8 @@ def test_resume_equals_uninterrupted(tiny_setup, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tiny_setup, tmp_path):
-    from common.errors import InputError
-    from pplr_finetune.train import finetune
+    from partreid.common.errors import InputError
+    from partreid.pplr_finetune.train import finetune
 
     root, ckpt = tiny_setup
     finetune(_config(root, ckpt, 1, eval_every=0), tmp_path / "run")

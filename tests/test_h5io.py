@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from common.h5io import (FeaturesWriter, features_for_labels, read_features, read_labels, write_features,
+from partreid.common.errors import InputError
+from partreid.common.h5io import (FeaturesWriter, features_for_labels, read_features, read_labels, write_features,
                          write_labels)
 from tests.conftest import script
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import InputError
-from pass_pretrain.augment import CropLayout
-from pass_pretrain.heads import MultiCropOutput
-from pass_pretrain.loss import PASSLoss, pass_loss, teacher_temperature_schedule
+from partreid.common.errors import InputError
+from partreid.pass_pretrain.augment import CropLayout
+from partreid.pass_pretrain.heads import MultiCropOutput
+from partreid.pass_pretrain.loss import PASSLoss, pass_loss, teacher_temperature_schedule
 
 
 def _np_softmax(x):

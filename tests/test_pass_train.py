@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from common.errors import InputError
-from common.models.vit import META_KEY, load_part_vit
-from pass_pretrain.schedules import cosine_schedule, pass_schedules, scaled_lr
-from pass_pretrain.train import (MultiCropDataset, PassConfig, PassTrainer, cancel_last_layer_gradients,
+from partreid.common.errors import InputError
+from partreid.common.models.vit import META_KEY, load_part_vit
+from partreid.pass_pretrain.schedules import cosine_schedule, pass_schedules, scaled_lr
+from partreid.pass_pretrain.train import (MultiCropDataset, PassConfig, PassTrainer, cancel_last_layer_gradients,
                                  clip_gradients, ema_update, export_backbone, param_groups, train_pass)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -159,7 +159,7 @@ def test_param_groups_and_last_layer_freeze():
 
 # ----------------------------------------------------------------------------------------------- dataset
 def test_views_are_reproducible_per_epoch_and_index():
-    from pass_pretrain.augment import PassMultiCropAugment
+    from partreid.pass_pretrain.augment import PassMultiCropAugment
 
     ds = MultiCropDataset(NoiseImages(3), PassMultiCropAugment((64, 32), (32, 16)), seed=5)
     torch.manual_seed(123)
@@ -173,8 +173,8 @@ def test_views_are_reproducible_per_epoch_and_index():
 
 
 def test_unreadable_items_are_dropped_from_the_batch():
-    from pass_pretrain.augment import PassMultiCropAugment
-    from pass_pretrain.train import collate_views
+    from partreid.pass_pretrain.augment import PassMultiCropAugment
+    from partreid.pass_pretrain.train import collate_views
 
     class WithHoles(NoiseImages):
         def __getitem__(self, i):

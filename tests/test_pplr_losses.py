@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import InputError
-from pplr_finetune.losses import (aals_loss, batch_precision, build_camera_proxies, ce_label_smooth,
+from partreid.common.errors import InputError
+from partreid.pplr_finetune.losses import (aals_loss, batch_precision, build_camera_proxies, ce_label_smooth,
                                   inter_camera_proxy_loss, pglr_loss, pglr_refined_target, soft_triplet_loss)
 
 LN = math.log

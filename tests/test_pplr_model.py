@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from common.errors import InputError
-from common.models.reid import (GroupedBatchNorm1d, GroupedBatchNorm2d, ReIDModel, cluster_centroids,
+from partreid.common.errors import InputError
+from partreid.common.models.reid import (GroupedBatchNorm1d, GroupedBatchNorm2d, ReIDModel, cluster_centroids,
                                 convert_to_grouped_bn, load_reid_checkpoint, save_reid_checkpoint)
-from common.models.resnet import ResNetStripes
+from partreid.common.models.resnet import ResNetStripes
 
 
 class TinyBackbone(nn.Module):
@@ -249,7 +249,7 @@ def test_checkpoint_vit_dispatch_and_format_errors(tmp_path, monkeypatch):
         calls.append((arch, kw))
         return TinyBackbone(**kw)
 
-    monkeypatch.setitem(sys.modules, "common.models.vit", types.SimpleNamespace(build_part_vit=build_part_vit))
+    monkeypatch.setitem(sys.modules, "partreid.common.models.vit", types.SimpleNamespace(build_part_vit=build_part_vit))
     model = ReIDModel(TinyBackbone(embed_dim=4), fusion="mean", num_classes=0)
     model.reset_classifiers(torch.randn(9, 4), torch.randn(3, 9, 4))
     path = save_reid_checkpoint(tmp_path / "v.pth", model,
@@ -268,7 +268,7 @@ def test_checkpoint_vit_dispatch_and_format_errors(tmp_path, monkeypatch):
 
 
 def test_checkpoint_round_trip_part_vit(tmp_path):
-    from common.models.vit import PartViT
+    from partreid.common.models.vit import PartViT
 
     torch.manual_seed(0)
     model = ReIDModel(PartViT("vit_tiny", depth=1, image_size=(32, 16)), fusion="cat", num_classes=3)

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
-from common.errors import InputError
-from pplr_finetune.pseudo_labels import (ClusterResult, cluster_features_file, cluster_quality, dbscan_labels,
+from partreid.common.errors import InputError
+from partreid.pplr_finetune.pseudo_labels import (ClusterResult, cluster_features_file, cluster_quality, dbscan_labels,
                                          pseudo_labels, size_histogram, sweep_eps)
 
 
@@ -183,7 +183,7 @@ def test_pseudo_labels_errors():
 
 
 def test_cluster_features_file(tmp_path):
-    from common.h5io import read_labels, write_features
+    from partreid.common.h5io import read_labels, write_features
 
     x, pids = clustered(n=500, ids=25, seed=5)
     feats = tmp_path / "f.h5"

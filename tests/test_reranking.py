@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from common.reranking import reranked_distance, reranked_distance_chunks
+from partreid.common.errors import InputError
+from partreid.common.reranking import reranked_distance, reranked_distance_chunks
 
 
 # Dense reference (Zhong et al. 2017 as in TransReID's re_ranking, float32 instead of float16): full (Q+G)²

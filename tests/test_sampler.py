@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from pplr_finetune.sampler import PKSampler, pk_pass
+from partreid.common.errors import InputError
+from partreid.pplr_finetune.sampler import PKSampler, pk_pass
 
 
 def _toy(num_ids=40, per_id=6, num_cams=3, seed=0):
@@ -114,7 +114,7 @@ def test_sampler_input_errors():
 
 def test_passes_shorter_than_a_batch_are_concatenated():
     """3 pseudo-ids × 4 images = 12 images per pass < a batch of 32: passes are chained to fill batches."""
-    from pplr_finetune.sampler import PKSampler
+    from partreid.pplr_finetune.sampler import PKSampler
 
     labels = np.repeat(np.arange(3), 4)
     camids = np.tile([0, 1], 6)

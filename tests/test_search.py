@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from common.search import exclude_self_columns, faiss_gpu_available, knn_search
+from partreid.common.errors import InputError
+from partreid.common.search import exclude_self_columns, faiss_gpu_available, knn_search
 
 
 def _clustered(n=600, d=16, ids=30, noise=0.6, seed=0):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import InputError
-from common.models.vit import (META_KEY, build_part_vit, detect_vit_arch, load_part_vit, load_vit_weights,
+from partreid.common.errors import InputError
+from partreid.common.models.vit import (META_KEY, build_part_vit, detect_vit_arch, load_part_vit, load_vit_weights,
                                resize_pos_grid, save_backbone)
-from pass_pretrain.augment import CropLayout
-from pass_pretrain.heads import PASSMultiCrop
+from partreid.pass_pretrain.augment import CropLayout
+from partreid.pass_pretrain.heads import PASSMultiCrop
 
 
 def official_pass_state(dim: int, depth: int, grid=(16, 8), seed: int = 0) -> dict:
@@ -246,7 +246,7 @@ def test_multicrop_wrapper_routing():
 def test_set_drop_path_linear_rates():
     from timm.layers import DropPath
 
-    from common.models.vit import PartViT
+    from partreid.common.models.vit import PartViT
 
     m = PartViT("vit_tiny", depth=4, image_size=(64, 32))
     m.set_drop_path(0.3)

@@ -23,9 +23,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from common.errors import InputError
-from common.fileio import sha256_file
-from common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.errors import InputError
+from partreid.common.fileio import sha256_file
+from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 
@@ -76,7 +76,7 @@ def _is_resnet_state(sd: Dict[str, Any]) -> bool:
 
 def _build_vit(arch: Optional[str], state: Optional[Dict[str, Any]], where: str, image_size=None):
     """A PartViT: random (``state`` None) or fitted to ``state`` (arch and depth read from the tensor shapes)."""
-    from common.models.vit import build_part_vit, load_part_vit
+    from partreid.common.models.vit import build_part_vit, load_part_vit
 
     if state is None:
         if arch not in VIT_ARCHS:
@@ -105,7 +105,7 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
         name = checkpoint.split(":", 1)[1] or (arch or "vit_tiny")
         sha = hashlib.sha256(checkpoint.encode()).hexdigest()
         if name == "resnet50":
-            from common.models.resnet import ResNetStripes
+            from partreid.common.models.resnet import ResNetStripes
 
             model = ResNetStripes(weights=resnet_weights)
             return _finish(model, "resnet", "resnet50", image_size or (384, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
@@ -124,7 +124,7 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
 
     fmt = obj.get("format")
     if fmt == "partreid.reid_model":
-        from common.models.reid import load_reid_checkpoint
+        from partreid.common.models.reid import load_reid_checkpoint
 
         model, meta = load_reid_checkpoint(path)
         size = tuple(image_size or meta.get("image_size") or (256, 128))
@@ -136,7 +136,7 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
             state = obj[key]
             break
     if _is_resnet_state(state):
-        from common.models.resnet import ResNetStripes
+        from partreid.common.models.resnet import ResNetStripes
 
         model = ResNetStripes(weights=str(path))
         return _finish(model, "resnet", "resnet50", image_size or (384, 128), IMAGENET_MEAN, IMAGENET_STD, sha,

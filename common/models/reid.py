@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import InputError
-from common.fileio import atomic_path
+from partreid.common.errors import InputError
+from partreid.common.fileio import atomic_path
 
 __all__ = [
     "GroupedBatchNorm1d", "GroupedBatchNorm2d", "convert_to_grouped_bn", "cluster_centroids", "ReIDModel",
@@ -466,10 +466,10 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
         InputError: unknown arch (raised by the builders) or bad arguments.
     """
     if arch == "resnet50":
-        from common.models.resnet import ResNetStripes
+        from partreid.common.models.resnet import ResNetStripes
 
         return ResNetStripes(**kwargs)
-    from common.models.vit import build_part_vit
+    from partreid.common.models.vit import build_part_vit
 
     return build_part_vit(arch, **kwargs)
 

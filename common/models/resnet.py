@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common.errors import InputError
-from common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.errors import InputError
+from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ResNetStripes", "IMAGENET_MEAN", "IMAGENET_STD", "RESNET50_V1_URL", "load_torchvision_state_dict"]
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
-from common.errors import InputError
-from common.fileio import atomic_path
-from common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.errors import InputError
+from partreid.common.fileio import atomic_path
+from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 #: width D and number of attention heads per size (§A.1; ``vit_tiny`` is the DeiT-Ti size for CPU demos).
