@@ -133,7 +133,7 @@ def worker_cluster(size: str, repeat: int, seed: int, files: bool, noise: float,
 
 
 def worker_refine(size: str, repeat: int, seed: int, files: bool, noise: float) -> dict:
-    from partreid.common.search import knn_search
+    from partreid.common.retrieval.search import knn_search
     from partreid.pplr_finetune.cross_agreement import cross_agreement_from_features
 
     n, d, ids, cams = SIZES[size]

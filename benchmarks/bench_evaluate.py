@@ -1,4 +1,4 @@
-"""Wall time and peak RSS of ``common.evaluation.evaluate_features`` at Market-1501 and MSMT17 sizes.
+"""Wall time and peak RSS of ``partreid.common.retrieval.evaluation.evaluate_features`` at Market-1501 and MSMT17 sizes.
 
 Synthetic clustered features (deterministic, seeded): every identity has a random centre in R^D; an image is
 its identity's centre plus Gaussian noise of a per-identity scale (so some identities are easy, others hard),
@@ -103,7 +103,7 @@ def peer_evaluate(qf, gf, q_pids, q_camids, g_pids, g_camids, max_rank=50):
 
 def child(name: str, dim: int, mode: str, scale_range) -> dict:
     import torch  # noqa: F401  (import cost outside the timed region, as in a real CLI run)
-    from partreid.common.evaluation import evaluate_features
+    from partreid.common.retrieval.evaluation import evaluate_features
 
     t0 = time.perf_counter()
     data = make_features(name, dim, scale_range=scale_range)

@@ -78,9 +78,9 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     """
     if ctx.invoked_subcommand is not None:
         return
-    from partreid.common.datasets import load_dataset
+    from partreid.common.data.datasets import load_dataset
     from partreid.common.errors import InputError
-    from partreid.common.images import ImageDataset
+    from partreid.common.data.images import ImageDataset
     from partreid.pass_pretrain.train import PassConfig, train_pass
 
     if not spec or not out:

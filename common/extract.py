@@ -104,7 +104,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
 
     Args:
         loaded: the model (see :func:`common.models.loader.load_model`).
-        ds: the dataset (``common.datasets.ReIDDataset``), used to open images and for provenance.
+        ds: the dataset (``partreid.common.data.datasets.ReIDDataset``), used to open images and for provenance.
         frame: the rows to extract (columns path, pid, camid), in output order.
         out: destination ``.h5``.
         split: split name recorded in the file.
@@ -120,7 +120,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
     Raises:
         InputError: empty selection, or an unreadable image with ``strict=True``.
     """
-    from partreid.common.images import ImageDataset, collate_skip_none
+    from partreid.common.data.images import ImageDataset, collate_skip_none
 
     opts = opts or FeatureOptions()
     if len(frame) == 0:
@@ -231,7 +231,7 @@ def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOpti
         (global (N', Dg) float32, parts (N', P, Dp) float32 or None, kept (N',) int64 row indices into ``frame``;
         unreadable images are left out).
     """
-    from partreid.common.images import ImageDataset, collate_skip_none
+    from partreid.common.data.images import ImageDataset, collate_skip_none
 
     opts = opts or FeatureOptions()
     model = loaded.model.to(device).eval()

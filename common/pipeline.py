@@ -52,7 +52,7 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
     Raises:
         InputError: bad checkpoint, dataset spec or split; see :func:`common.extract.extract_to_file`.
     """
-    from partreid.common.datasets import load_dataset
+    from partreid.common.data.datasets import load_dataset
     from partreid.common.extract import FeatureOptions, extract_to_file
     from partreid.common.models.loader import load_model
 
@@ -89,7 +89,7 @@ def image_refs(attrs: dict, paths) -> list:
 
     root = Path(str(attrs.get("dataset_root", "")))
     if (root / "keys.pkl").exists():
-        from partreid.common.datasets import load_dataset
+        from partreid.common.data.datasets import load_dataset
 
         ds = load_dataset(str(attrs.get("dataset")), verbose=False)
         return [functools.partial(ds.open_image, p) for p in paths]
@@ -98,8 +98,8 @@ def image_refs(attrs: dict, paths) -> list:
 
 def evaluate_arrays(qf, gf, q_pids, q_camids, g_pids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
                     lambda_value: float = 0.3, protocol: str = "market", metric: str = "euclidean") -> dict:
-    """mAP/CMC/mINP of query features against gallery features (see :mod:`common.evaluation`)."""
-    from partreid.common.evaluation import evaluate_features
+    """mAP/CMC/mINP of query features against gallery features (see :mod:`partreid.common.retrieval.evaluation`)."""
+    from partreid.common.retrieval.evaluation import evaluate_features
 
     metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric, rerank=rerank, k1=k1,
                                 k2=k2, lambda_value=lambda_value, protocol=protocol)
@@ -142,7 +142,7 @@ def save_rank_pictures(q, g, n: int, out_dir, metric: str = "euclidean", topk: i
     (same-pid same-camera junk skipped; green = right, red = wrong)."""
     import numpy as np
 
-    from partreid.common.evaluation import distance_chunks, topk_per_query
+    from partreid.common.retrieval.evaluation import distance_chunks, topk_per_query
     from partreid.common.visualize import save_ranked_lists
 
     if out_dir is None:

@@ -1,7 +1,7 @@
 """Ranked-list pictures: a query followed by its top-k gallery images, framed green (right) or red (wrong).
 
 Used by ``evaluate --show-ranks N --out-dir DIR``. The ranking comes from
-:func:`common.evaluation.topk_per_query`; junk entries (same pid AND same camid as the query, Market protocol,
+:func:`partreid.common.retrieval.evaluation.topk_per_query`; junk entries (same pid AND same camid as the query, Market protocol,
 reference-spec §E.1) are skipped here as well, so a top-k computed without labels can be passed as long as it
 has enough spare columns.
 
@@ -107,7 +107,7 @@ def save_ranked_lists(query_images: Sequence[ImageLike], gallery_images: Sequenc
         query_images, gallery_images: per query / gallery entry, a path or key (opened with ``open_image``),
             a PIL image, or a zero-argument callable returning one. Lengths Q and G.
         topk_idx: int (Q, k) gallery indices in ranking order (e.g. from
-            :func:`common.evaluation.topk_per_query`); −1 = no entry. Junk entries (same pid AND same camid
+            :func:`partreid.common.retrieval.evaluation.topk_per_query`); −1 = no entry. Junk entries (same pid AND same camid
             as the query) are skipped, so ``k`` should leave room for them.
         q_pids, q_camids: int (Q,); g_pids, g_camids: int (G,).
         n: number of queries to draw (≥ 1, capped at Q), spread evenly over the query list

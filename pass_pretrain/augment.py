@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from partreid.common.errors import InputError
-from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ class MultiCropDataset(Dataset):
 
     Args:
         images: indexable of length N whose items are a PIL image, a tuple/list starting with one (e.g. the
-            ``(img, i)`` items of ``common.images.ImageDataset`` built with an identity transform), or ``None``
+            ``(img, i)`` items of ``partreid.common.data.images.ImageDataset`` built with an identity transform), or ``None``
             for an unreadable image (the item is then skipped).
         augment: callable PIL → list of view tensors (:class:`PassMultiCropAugment`).
         seed: base seed; item i of epoch e is augmented with :func:`item_seed` (seed, e, i).

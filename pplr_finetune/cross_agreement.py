@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
-from partreid.common.search import exclude_self_columns, knn_search
+from partreid.common.retrieval.search import exclude_self_columns, knn_search
 
 #: rows per block of the vectorised set intersection (bounds the temporary (rows, P, 2k) arrays)
 _ROWS_PER_BLOCK = 32768

@@ -1,7 +1,7 @@
 """DBSCAN pseudo-labels on the sparse k-reciprocal Jaccard distance (PPLR / cluster-contrast; spec §C.2 step 2).
 
 Pipeline (:func:`pseudo_labels`): exact (or approximate) faiss kNN on the L2-normalised global features →
-sparse k-reciprocal Jaccard radius graph (:mod:`common.kreciprocal`, reference-spec §D.1) → scikit-learn
+sparse k-reciprocal Jaccard radius graph (:mod:`partreid.common.retrieval.kreciprocal`, reference-spec §D.1) → scikit-learn
 ``DBSCAN(metric='precomputed')`` on that sparse graph. Outliers are labelled -1. Nothing N×N is allocated.
 
 Quality helpers for choosing eps: :func:`cluster_quality` (NMI, ARI, pairwise precision/recall/F-score against
@@ -22,8 +22,8 @@ from sklearn.cluster import DBSCAN
 
 from partreid.common.errors import InputError
 from partreid.common.inspect import size_histogram  # noqa: F401 - re-exported: the cluster report uses it
-from partreid.common.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
-from partreid.common.search import knn_search
+from partreid.common.retrieval.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
+from partreid.common.retrieval.search import knn_search
 
 #: ``knn`` choices of :func:`pseudo_labels` → faiss search method
 KNN_METHODS = {"exact": "exact", "approximate": "hnsw", "hnsw": "hnsw", "ivf": "ivf"}
@@ -82,7 +82,7 @@ def dbscan_labels(graph, eps: float, min_samples: int) -> np.ndarray:
     labels are the same as on the dense matrix with the same neighbourhoods.
 
     Args:
-        graph: float32 scipy.sparse (N, N) non-negative distances (e.g. :func:`common.kreciprocal.kreciprocal_jaccard`).
+        graph: float32 scipy.sparse (N, N) non-negative distances (e.g. :func:`partreid.common.retrieval.kreciprocal.kreciprocal_jaccard`).
         eps: neighbourhood radius (PPLR 0.5, cluster-contrast/PASS 0.6 Market, 0.7 MSMT17).
         min_samples: neighbours (self included) that make a core point (4).
 
@@ -136,7 +136,7 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
         max_distance: radius of the stored graph (default eps); set it to the largest eps of a later sweep.
         device: faiss device: 'auto', 'cpu', or 'cuda' ('cuda' falls back to the CPU when the installed faiss
             has no GPU support, since the torch device and the faiss build are independent).
-        search_options: extra keyword arguments for :func:`common.search.knn_search`.
+        search_options: extra keyword arguments for :func:`partreid.common.retrieval.search.knn_search`.
         n_jobs: processes for the Jaccard min-sums (default: the available CPUs, as faiss uses them for the
             search; the labels do not depend on it).
 

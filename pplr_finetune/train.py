@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from partreid.common import distributed as dist
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
-from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("partreid.finetune")
@@ -185,7 +185,7 @@ class _Run:
     """State of one fine-tuning run (kept in one object so the epoch steps read top to bottom)."""
 
     def __init__(self, cfg: FinetuneConfig, out_dir: Path):
-        from partreid.common.datasets import load_dataset
+        from partreid.common.data.datasets import load_dataset
 
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -342,7 +342,7 @@ class _Run:
 
     # -- step 4: one epoch of training
     def train_epoch(self, epoch: int, pl: Dict[str, np.ndarray]) -> Dict[str, float]:
-        from partreid.common.images import ImageDataset, collate_skip_none
+        from partreid.common.data.images import ImageDataset, collate_skip_none
         from partreid.common.models.reid import cluster_centroids
         from partreid.pplr_finetune import losses as L
         from partreid.pplr_finetune.sampler import PKSampler

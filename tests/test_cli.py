@@ -66,3 +66,19 @@ def test_strict_unreadable_image_exits_2_with_one_line(tmp_path):
 
     f = read_features(tmp_path / "ok.h5")
     assert len(f) == 3 and f.attrs["num_skipped"] == 1 and "0002_c2_0000.jpg" in ok.stderr
+
+
+def test_umbrella_command_lists_and_runs_every_command():
+    import subprocess
+
+    from partreid.cli.umbrella import COMMANDS
+
+    listing = subprocess.run([script("partreid"), "--help"], capture_output=True, text=True)
+    assert listing.returncode == 0
+    for name in COMMANDS:
+        assert name in listing.stdout
+    for name in ("cluster", "inspect-data"):
+        proc = subprocess.run([script("partreid"), name, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and f"Usage: partreid {name}" in proc.stdout
+    bogus = subprocess.run([script("partreid"), "no-such-command"], capture_output=True, text=True)
+    assert bogus.returncode == 2

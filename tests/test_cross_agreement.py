@@ -72,7 +72,7 @@ def test_reuses_global_lists_and_excludes_self_by_index():
     g, parts = _part_features(n=200, seed=2)
     g[7] = g[3]
     parts[7] = parts[3]  # an exact duplicate image
-    from partreid.common.search import knn_search
+    from partreid.common.retrieval.search import knn_search
     _, table = knn_search(g / np.linalg.norm(g, axis=1, keepdims=True), 15)  # self included, like `cluster`
     with_lists = cross_agreement_from_features(g, parts, 10, global_knn=table)
     without = cross_agreement_from_features(g, parts, 10)

@@ -1,4 +1,4 @@
-"""Dataset readers (common/datasets.py) and image loading (common/images.py).
+"""Dataset readers (common/data/datasets.py) and image loading (common/data/images.py).
 
 Real data: ../shared/data beside the repository (skipped when absent). Everything else runs on small file
 trees generated in tmp_path: empty files where the reader only looks at names, tiny real images where
@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from partreid.common.datasets import compute_fingerprint, load_dataset, load_file_index
+from partreid.common.data.datasets import compute_fingerprint, load_dataset, load_file_index
 from partreid.common.errors import InputError
-from partreid.common.images import ImageDataset, collate_skip_none, missing_rows
+from partreid.common.data.images import ImageDataset, collate_skip_none, missing_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

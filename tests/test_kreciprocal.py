@@ -1,4 +1,4 @@
-"""Sparse k-reciprocal Jaccard (common.kreciprocal) against a plain dense implementation of reference-spec §D.1."""
+"""Sparse k-reciprocal Jaccard (partreid.common.retrieval.kreciprocal) against a plain dense implementation of reference-spec §D.1."""
 
 import tracemalloc
 
@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
 from partreid.common.errors import InputError
-from partreid.common.kreciprocal import (expanded_sets, jaccard_radius_graph, knn_columns_needed, kreciprocal_jaccard,
+from partreid.common.retrieval.kreciprocal import (expanded_sets, jaccard_radius_graph, knn_columns_needed, kreciprocal_jaccard,
                                 local_query_expansion, neighbour_counts, reciprocal_neighbours)
 from partreid.pplr_finetune.pseudo_labels import dbscan_labels
 
@@ -139,7 +139,7 @@ def test_chunking_and_order_do_not_change_the_graph(data):
     small = kreciprocal_jaccard(x, K1, K2, max_distance=0.7, knn=knn, chunk_elems=997)
     assert (abs(base - small) > 1e-6).nnz == 0 and base.nnz == small.nnz
     # the kernel alone, with and without a row order
-    from partreid.common.kreciprocal import encode, lookup_pairs, _row_ids
+    from partreid.common.retrieval.kreciprocal import encode, lookup_pairs, _row_ids
     rows = _row_ids(e.indptr)
     vals, found = lookup_pairs(rows, e.indices.astype(np.int64), knn, sims)
     assert found.mean() > 0.5
@@ -217,7 +217,7 @@ def test_input_errors():
 def test_forked_workers_give_the_same_graph(data, monkeypatch, caplog):
     import logging
 
-    import partreid.common.kreciprocal as kr
+    import partreid.common.retrieval.kreciprocal as kr
 
     x, full_rank, _ = data
     knn = full_rank[:, :knn_columns_needed(K1, K2)]
@@ -236,7 +236,7 @@ def test_forked_workers_give_the_same_graph(data, monkeypatch, caplog):
 def test_fork_map_redoes_a_failed_child():
     import os
 
-    from partreid.common.kreciprocal import _fork_map
+    from partreid.common.retrieval.kreciprocal import _fork_map
 
     parent = os.getpid()
 
@@ -252,7 +252,7 @@ def test_fork_map_redoes_a_failed_child():
 def test_fork_map_cleans_up_when_the_parent_fails(monkeypatch):
     import os
 
-    import partreid.common.kreciprocal as kr
+    import partreid.common.retrieval.kreciprocal as kr
 
     parent = os.getpid()
     forked = []
@@ -283,7 +283,7 @@ def test_fork_map_cleans_up_when_the_parent_fails(monkeypatch):
 
 
 def test_light_entries_are_the_lightest_within_the_budget():
-    from partreid.common.kreciprocal import light_entries
+    from partreid.common.retrieval.kreciprocal import light_entries
 
     rows = [
         [0.5, 0.1, 0.2, 0.05, 0.15],  # sorted: .05 .1 .15 .2 .5 → budget .31 holds .05+.1+.15
@@ -305,7 +305,7 @@ def test_light_entries_are_the_lightest_within_the_budget():
 
 
 def test_light_entries_invariants_on_random_rows():
-    from partreid.common.kreciprocal import light_entries
+    from partreid.common.retrieval.kreciprocal import light_entries
 
     rng = np.random.default_rng(4)
     v = sp.random(300, 400, density=0.08, format="csr", random_state=5, dtype=np.float32)
@@ -327,7 +327,7 @@ def test_light_entries_invariants_on_random_rows():
 
 @pytest.mark.parametrize("max_distance", [0.3, 0.6, 0.9, 1.0])
 def test_pruned_kernel_equals_the_full_kernel(max_distance):
-    import partreid.common.kreciprocal as kr
+    import partreid.common.retrieval.kreciprocal as kr
 
     x = clustered_features(n=2500, d=24, ids=120, noise=0.9, seed=11)
     full_rank = np.argsort(-(x.astype(np.float64) @ x.T.astype(np.float64)), axis=1, kind="stable")
@@ -350,14 +350,14 @@ def test_pruned_kernel_equals_the_full_kernel(max_distance):
 
 
 def _dots_for(x, pattern):
-    from partreid.common.kreciprocal import _row_ids
+    from partreid.common.retrieval.kreciprocal import _row_ids
 
     rows = _row_ids(pattern.indptr)
     return np.einsum("ij,ij->i", x[rows], x[pattern.indices]).astype(np.float32)
 
 
 def test_reciprocal_pair_equals_two_separate_computations():
-    from partreid.common.kreciprocal import reciprocal_pair
+    from partreid.common.retrieval.kreciprocal import reciprocal_pair
 
     x = clustered_features(n=500, d=16, ids=40, noise=0.8, seed=2)
     rank = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :30]
@@ -369,7 +369,7 @@ def test_reciprocal_pair_equals_two_separate_computations():
 
 
 def test_pair_dots_match_numpy_in_any_row_order_and_chunking():
-    from partreid.common.kreciprocal import pair_dots
+    from partreid.common.retrieval.kreciprocal import pair_dots
 
     rng = np.random.default_rng(9)
     x = rng.standard_normal((300, 40)).astype(np.float32)
@@ -384,7 +384,7 @@ def test_pair_dots_match_numpy_in_any_row_order_and_chunking():
 
 
 def test_lookup_pairs_hand_example():
-    from partreid.common.kreciprocal import lookup_pairs
+    from partreid.common.retrieval.kreciprocal import lookup_pairs
 
     knn = np.array([[0, 2, 1], [1, 0, 2], [2, 1, 0]])
     vals = np.array([[1.0, 0.5, 0.25], [1.0, 0.75, 0.125], [1.0, 0.0, 0.375]], np.float32)

@@ -1,10 +1,10 @@
-"""common.reranking against a dense k-reciprocal re-ranking written the way the original code does it."""
+"""partreid.common.retrieval.reranking against a dense k-reciprocal re-ranking written the way the original code does it."""
 
 import numpy as np
 import pytest
 
 from partreid.common.errors import InputError
-from partreid.common.reranking import reranked_distance, reranked_distance_chunks
+from partreid.common.retrieval.reranking import reranked_distance, reranked_distance_chunks
 
 
 # Dense reference (Zhong et al. 2017 as in TransReID's re_ranking, float32 instead of float16): full (Q+G)²

@@ -1,10 +1,10 @@
-"""common.search: faiss kNN against numpy brute force, tie order, self exclusion, approximate recall, errors."""
+"""partreid.common.retrieval.search: faiss kNN against numpy brute force, tie order, self exclusion, approximate recall, errors."""
 
 import numpy as np
 import pytest
 
 from partreid.common.errors import InputError
-from partreid.common.search import exclude_self_columns, faiss_gpu_available, knn_search
+from partreid.common.retrieval.search import exclude_self_columns, faiss_gpu_available, knn_search
 
 
 def _clustered(n=600, d=16, ids=30, noise=0.6, seed=0):

@@ -25,7 +25,7 @@ from torch import nn
 
 from partreid.common.errors import InputError
 from partreid.common.fileio import sha256_file
-from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torchvision
 
 from partreid.common.errors import InputError
-from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ResNetStripes", "IMAGENET_MEAN", "IMAGENET_STD", "RESNET50_V1_URL", "load_torchvision_state_dict"]
 

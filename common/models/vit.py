@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block
 
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
-from partreid.common.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 #: width D and number of attention heads per size (§A.1; ``vit_tiny`` is the DeiT-Ti size for CPU demos).

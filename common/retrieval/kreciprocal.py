@@ -272,7 +272,7 @@ def pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 
     Args:
         x: float32 (N, D) features; rows, cols: int64 (M,) pair indices.
     """
-    from partreid.common.search import _faiss
+    from partreid.common.retrieval.search import _faiss
 
     faiss = _faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -872,11 +872,11 @@ def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, *, max_distance: fl
         convention: ``'reference'`` (k1 forward entries incl. self: the published behaviour) or
             ``'textbook'`` (k1 + 1, Zhong et al.); see the module doc.
         knn: optional precomputed int64 (N, K) self-search table (best first, self included, K >=
-            :func:`knn_columns_needed`); computed with :func:`common.search.knn_search` (exact, inner
+            :func:`knn_columns_needed`); computed with :func:`partreid.common.retrieval.search.knn_search` (exact, inner
             product) when None.
         similarities: optional float32 (N, K) inner products matching ``knn``; used for the weights of the
             pairs found in the table (the others are computed from ``features``).
-        search: extra keyword arguments for :func:`common.search.knn_search` when ``knn`` is None
+        search: extra keyword arguments for :func:`partreid.common.retrieval.search.knn_search` when ``knn`` is None
             (e.g. ``{'method': 'hnsw'}``).
         chunk_elems: memory/speed trade-off of the Jaccard kernel (pair contributions per chunk).
         timings: optional dict that receives the seconds spent per step.
@@ -910,7 +910,7 @@ def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, *, max_distance: fl
     if n < width:
         raise InputError(f"{n} samples are too few for k1={k1} ({convention} convention needs {width})")
     if knn is None:
-        from partreid.common.search import knn_search
+        from partreid.common.retrieval.search import knn_search
 
         t = time.perf_counter()
         kw = dict(search or {})

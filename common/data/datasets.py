@@ -125,7 +125,7 @@ class ReIDDataset:
         version: dataset variant, e.g. ``'MSMT17_V1'``, ``'MSMT17_V2'``, ``'labeled'``, ``'detected'``; else None.
         fingerprint: ``"<N>:<sha256 hex of the sorted paths joined by '\\n' (UTF-8)>"``.
         spec: the spec string this dataset was loaded from.
-        strict: default for :class:`common.images.ImageDataset` (fail instead of skipping unreadable images).
+        strict: default for :class:`partreid.common.data.images.ImageDataset` (fail instead of skipping unreadable images).
         warnings: warning lines printed while loading (also kept here for callers and tests).
         pid_names: for ``folder`` datasets with non-numeric pid folders, ``pid_names[pid]`` is the folder name.
         lmdb_path: for ``lmdb`` datasets, the folder holding ``data.mdb``.
@@ -145,7 +145,7 @@ class ReIDDataset:
         self.lmdb_path = lmdb_path
         self.pid_names = pid_names
         self.warnings = list(warnings or [])
-        self._lmdb_reader = None  # common.images.LmdbReader, made on first use (keeps torch out of loading)
+        self._lmdb_reader = None  # partreid.common.data.images.LmdbReader, made on first use (keeps torch out of loading)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -192,7 +192,7 @@ class ReIDDataset:
         Raises:
             OSError: the image is missing, unreadable or corrupt (the message names it).
         """
-        from partreid.common.images import LmdbReader, decode_image_bytes, open_image_file
+        from partreid.common.data.images import LmdbReader, decode_image_bytes, open_image_file
         if self.lmdb_path is not None:
             if self._lmdb_reader is None:
                 self._lmdb_reader = LmdbReader(self.lmdb_path)
@@ -246,7 +246,7 @@ def load_dataset(spec: str, *, verbose: bool = True, strict: bool = False,
         spec: ``KIND:ROOT``, ``csv:FILE``, a bare ``NAME`` under ``$REID_DATA`` or a folder path.
         verbose: print the summary table (and info lines) to stderr. Warnings are printed either way.
         strict: fail on problems that are otherwise warned about and skipped (MSMT17 list entries missing
-            on disk); also the default ``strict`` of :class:`common.images.ImageDataset`.
+            on disk); also the default ``strict`` of :class:`partreid.common.data.images.ImageDataset`.
         refresh: ``luperson`` trees only: rebuild the cached file index even if it looks current.
 
     Returns:

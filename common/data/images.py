@@ -1,4 +1,4 @@
-"""Image loading for :class:`common.datasets.ReIDDataset`: files, LUPerson's LMDB, and a torch Dataset.
+"""Image loading for :class:`partreid.common.data.datasets.ReIDDataset`: files, LUPerson's LMDB, and a torch Dataset.
 
 Unreadable images (missing, truncated, not an image) are reported with their path. By default
 :class:`ImageDataset` warns on stderr, counts the image and returns None for it, and :func:`collate_skip_none`
@@ -36,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from partreid.common.datasets import ReIDDataset
+    from partreid.common.data.datasets import ReIDDataset
 
 # What Pillow raises on damaged data besides OSError: broken PNG chunks raise SyntaxError, some truncated
 # headers struct.error or EOFError, absurd sizes DecompressionBombError.
@@ -79,7 +79,7 @@ def decode_image_bytes(data: bytes, name: str) -> Image.Image:
 class LmdbReader:
     """Read-only access to an LMDB of encoded images, keyed by UTF-8 strings (LUPerson, reference-spec §A.8).
 
-    The reader holds only the path; the environment comes from :func:`common.datasets.lmdb_environment`,
+    The reader holds only the path; the environment comes from :func:`partreid.common.data.datasets.lmdb_environment`,
     opened lazily once per process. A reader created in the main process and copied into DataLoader workers
     (by fork or by pickling) thus gets a fresh environment in each worker, as LMDB requires (an environment
     must not be used across ``fork()``).
@@ -94,7 +94,7 @@ class LmdbReader:
         Raises:
             OSError: the key is absent or the LMDB cannot be read.
         """
-        from partreid.common.datasets import import_lmdb, lmdb_environment
+        from partreid.common.data.datasets import import_lmdb, lmdb_environment
         env = lmdb_environment(self.path)  # per process, shared with other readers of the same LMDB
         try:
             with env.begin(write=False) as txn:

@@ -3,7 +3,7 @@
 The peers' ``re_ranking`` (TransReID ``utils/reranking.py``, inherited by PASS's TR/) concatenates query and
 gallery, builds the full (Q+G)×(Q+G) distance matrix, and then dense V, V_qe and Jaccard matrices of the same
 size in Python loops. This module computes exactly the same final query×gallery distances from the sparse
-k-reciprocal machinery of :mod:`common.kreciprocal`, streaming the Q×G result in query chunks; no (Q+G)×(Q+G)
+k-reciprocal machinery of :mod:`partreid.common.retrieval.kreciprocal`, streaming the Q×G result in query chunks; no (Q+G)×(Q+G)
 buffer is ever allocated.
 
 Steps, with all = [query; gallery] (N = Q + G rows):
@@ -12,7 +12,7 @@ Steps, with all = [query; gallery] (N = Q + G rows):
    row divided by its maximum over query + gallery (the original divides column-wise and transposes, which is
    the same on a symmetric matrix);
 2. the rank table is the ascending order of each row (self first): the **textbook** convention,
-   k1 + 1 forward entries including self, round(k1/2) + 1 for the half sets (:mod:`common.kreciprocal`);
+   k1 + 1 forward entries including self, round(k1/2) + 1 for the half sets (:mod:`partreid.common.retrieval.kreciprocal`);
 3. expanded k-reciprocal sets E(i) as in §D.1 step 3; V[i, j] = exp(−d̂(i, j)) / Σ_{j'∈E(i)} exp(−d̂(i, j'));
 4. V_qe[i] = mean of V over the rows of the k2 nearest neighbours of i (self included);
 5. for query i and gallery j: m = Σ_k min(V_qe[i,k], V_qe[j,k]) over all N columns, jaccard = 1 − m/(2 − m),
@@ -21,7 +21,7 @@ Steps, with all = [query; gallery] (N = Q + G rows):
 Differences from the original, on purpose: V and the Jaccard distance are float32 (the original stores V,
 V_qe and the Jaccard matrix in float16), so values differ from it by float16 rounding (~1e-3) and agree with a
 float32 dense implementation to ~1e-6. The neighbour search is faiss's exact L2 search; ties between exactly
-equal distances are ordered deterministically (:mod:`common.search`) where the original's ``np.argsort``
+equal distances are ordered deterministically (:mod:`partreid.common.retrieval.search`) where the original's ``np.argsort``
 leaves them unspecified.
 """
 
@@ -32,9 +32,9 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
-from partreid.common.kreciprocal import (InvertedIndex, encode, expanded_sets, local_query_expansion, lookup_pairs,
+from partreid.common.retrieval.kreciprocal import (InvertedIndex, encode, expanded_sets, local_query_expansion, lookup_pairs,
                                 min_sum_block, neighbour_counts, pair_dots, _check_knn, _row_ids)
-from partreid.common.search import knn_search
+from partreid.common.retrieval.search import knn_search
 
 #: default cap on the float32 entries of one streamed (chunk, G) block
 _BLOCK_ENTRIES = 4_000_000

@@ -391,7 +391,7 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
         q_pids, q_camids, g_pids, g_camids: int label arrays, (Q,) and (G,).
         metric: ``'euclidean'`` (squared, the peers' convention) or ``'cosine'``; see :func:`distance_chunks`.
         rerank: use k-reciprocal re-ranking (Zhong et al. 2017; k1, k2, lambda_value as in spec §E.2:
-            20, 6, 0.3) via ``common.reranking.reranked_distance_chunks`` instead of the plain distance.
+            20, 6, 0.3) via ``partreid.common.retrieval.reranking.reranked_distance_chunks`` instead of the plain distance.
         chunk_size: query rows per distance block (memory bound); default :func:`default_chunk_size`.
         protocol, max_rank, sgs_repeats, seed: see :func:`evaluate_distances`.
 
@@ -412,7 +412,7 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
     if rerank:
         if metric != "euclidean":
             raise InputError("re-ranking uses the squared Euclidean distance; use metric='euclidean'")
-        from partreid.common.reranking import reranked_distance_chunks
+        from partreid.common.retrieval.reranking import reranked_distance_chunks
         chunks = reranked_distance_chunks(q, g, k1, k2, lambda_value, chunk_size)
     else:
         chunks = _checked_distance_iter(q, g, metric, chunk_size)

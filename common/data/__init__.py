@@ -1,0 +1,1 @@
+"""Datasets: readers for the re-ID dataset layouts and LUPerson, and image decoding."""
