@@ -4,11 +4,12 @@ import json
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path, resolve_device, seed_everything
+from partreid.cli._common import (Command, common_options, emit_output, guard_files, guarded, read_input_path,
+                                  resolve_device, run_checkpoint, seed_everything)
 from partreid.cli.extract_features import parse_size
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   evaluate --query q.h5 --gallery g.h5
   evaluate --query q.h5 --gallery g.h5 --rerank --out metrics.json
@@ -55,6 +56,11 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     from partreid.common.fileio import atomic_path
     from partreid.common.pipeline import evaluate_checkpoint, evaluate_files, format_metrics_table
 
+    checkpoint = run_checkpoint(checkpoint)
+    if not checkpoint and gallery:
+        query = read_input_path(query, "query features file")
+    guard_files(reads={"--query": query, "--gallery": gallery, "--checkpoint": checkpoint}, specs={"--data": spec},
+                writes={"--out": out}, out_dirs={"--out-dir": out_dir})
     seed_everything(seed)
     kwargs = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric,
                   show_ranks=show_ranks)
@@ -67,7 +73,7 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     else:
         if not gallery:
             raise InputError("give --gallery G.h5 (and --query Q.h5 or its path on stdin), or --checkpoint/--data")
-        metrics = evaluate_files(read_input_path(query, "query features file"), gallery, out_dir=out_dir, **kwargs)
+        metrics = evaluate_files(query, gallery, out_dir=out_dir, **kwargs)
     table = format_metrics_table(metrics)
     if out:
         with atomic_path(out, inputs=(query, gallery)) as tmp:

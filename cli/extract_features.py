@@ -2,7 +2,8 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
+from partreid.cli._common import (Command, common_options, emit_output, guard_files, guarded, resolve_device,
+                                  run_checkpoint, seed_everything)
 
 
 def parse_size(value):
@@ -16,7 +17,7 @@ def parse_size(value):
         raise click.BadParameter(f"{value!r}: expected HxW in pixels, e.g. 256x128") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   extract-features --checkpoint runs/pass_vit_small/backbone.pth \\
       --data market1501:/data/Market-1501-v15.09.15 --split query --out q.h5
@@ -59,6 +60,8 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     from partreid.common.distributed import init_distributed
     from partreid.common.pipeline import extract_features
 
+    checkpoint = run_checkpoint(checkpoint)
+    guard_files(reads={"--checkpoint": checkpoint}, specs={"--data": spec}, writes={"--out": out})
     seed_everything(seed)
     device = init_distributed(resolve_device(device))
     path = extract_features(checkpoint, spec, out, split=split, fusion=fusion, neck=neck, flip=flip,

@@ -2,10 +2,10 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import Command, common_options, guard_files, emit_output, guarded, read_input_path
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   refine-labels labels.h5 --out refined.h5
   refine-labels labels.h5 --out refined.h5 --k 20 --plot agreement.png
@@ -26,6 +26,8 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     """
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
 
-    path, report = refine_labels_file(read_input_path(labels, "labels file"), out, k=k, plot=plot, device=device)
+    labels = read_input_path(labels, "labels file")
+    guard_files(reads={"LABELS": labels}, writes={"--out": out, "--plot": plot})
+    path, report = refine_labels_file(labels, out, k=k, plot=plot, device=device)
     click.echo(report, err=True)
     emit_output(path)

@@ -10,6 +10,7 @@ import numpy as np
 
 from partreid.common.errors import InputError
 from partreid.common.h5io import FEATURES_FORMAT, LABELS_FORMAT, read_features, read_labels
+from partreid.common.runs import describe_run, is_run_folder
 
 
 _SIZE_BINS = [(1, 1), (2, 3), (4, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 500),
@@ -96,12 +97,14 @@ def describe_dataset(spec: str) -> str:
 
 
 def describe(target: str) -> str:
-    """Summary of ``target``: a features file, a labels file (``.h5`` or ``.csv``) or a dataset spec.
+    """Summary of ``target``: a run folder, a features file, a labels file (``.h5`` or ``.csv``) or a dataset spec.
 
     Raises:
         InputError: the target is neither a readable partreid file nor a valid dataset spec.
     """
     path = Path(target)
+    if is_run_folder(path):
+        return describe_run(path)
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return describe_labels(path)
