@@ -116,7 +116,10 @@ def _usage_text(exc: click.ClickException) -> str:
 
 def _one_line(exc: click.ClickException, fallback: str) -> OneLineUsageError:
     ctx = getattr(exc, "ctx", None)
-    return OneLineUsageError(_usage_text(exc), ctx.command_path if ctx is not None else fallback)
+    text = _usage_text(exc)
+    if isinstance(exc, click.NoSuchOption):
+        text = f"no such option: {exc.option_name}"
+    return OneLineUsageError(text, ctx.command_path if ctx is not None else fallback)
 
 
 class _OneLineErrors:

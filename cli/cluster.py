@@ -52,10 +52,10 @@ def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_
     stdout. The report (clusters, outliers, size histogram, and NMI/ARI/pairwise P/R/F when the features
     file has real pids) goes to stderr.
     """
-    from partreid.pplr_finetune.pseudo_labels import cluster_features_file
-
     features = read_input_path(features, "features file")
     guard_files(reads={"FEATURES": features}, writes={"--out": out, "--plot-clusters": plot_clusters})
+    from partreid.pplr_finetune.pseudo_labels import cluster_features_file
+
     path, report = cluster_features_file(features, out, k1=k1, k2=k2, eps=eps,
                                          min_samples=min_samples, convention=convention, knn=knn_method,
                                          sweep=parse_sweep(sweep_eps), device=device)

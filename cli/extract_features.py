@@ -57,11 +57,11 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     with. Runs under torchrun too: each rank extracts its share and rank 0 writes the file. Prints the
     output path on stdout.
     """
+    checkpoint = run_checkpoint(checkpoint)
+    guard_files(reads={"--checkpoint": checkpoint}, specs={"--data": spec}, writes={"--out": out})
     from partreid.common.distributed import init_distributed
     from partreid.common.pipeline import extract_features
 
-    checkpoint = run_checkpoint(checkpoint)
-    guard_files(reads={"--checkpoint": checkpoint}, specs={"--data": spec}, writes={"--out": out})
     seed_everything(seed)
     device = init_distributed(resolve_device(device))
     path = extract_features(checkpoint, spec, out, split=split, fusion=fusion, neck=neck, flip=flip,

@@ -82,12 +82,13 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
     last.pth (the model, for extract-features/evaluate), metrics.csv and summary.json in --out, and prints
     the path of last.pth. Results are reported for the LAST epoch.
     """
+    guard_files(reads={"--checkpoint": checkpoint, "--labels": labels_file, "--resnet-weights": resnet_weights},
+                specs={"--data": spec, "--eval-data": eval_data}, out_dirs={"--keep-intermediate": keep_intermediate},
+                run_dirs={"--out": (out, ("checkpoint.pth", "last.pth", "metrics.csv", "summary.json",
+                                          "metrics.png"))})
     from partreid.common.distributed import init_distributed
     from partreid.pplr_finetune.train import FinetuneConfig, finetune
 
-    guard_files(reads={"--checkpoint": checkpoint, "--labels": labels_file, "--resnet-weights": resnet_weights},
-                specs={"--data": spec, "--eval-data": eval_data}, out_dirs={"--keep-intermediate": keep_intermediate},
-                run_dirs={"--out": (out, ("checkpoint.pth", "last.pth", "metrics.csv", "summary.json", "metrics.png"))})
     seed_everything(seed)
     device = init_distributed(resolve_device(device))
     cfg = FinetuneConfig.from_preset(

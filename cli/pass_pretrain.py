@@ -118,8 +118,8 @@ Examples:
 @guarded
 def export(run, out, verbose, debug):
     """Write the teacher backbone of RUN (a run folder or checkpoint) alone, in the official PASS key layout."""
-    from partreid.pass_pretrain.train import export_backbone
-
     run = read_input_path(run, "run folder")
     guard_files(reads={"RUN": run}, writes={"--out": out})
+    from partreid.pass_pretrain.train import export_backbone
+
     emit_output(export_backbone(run, out))

@@ -24,10 +24,10 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     part-n feature spaces. The features are found through the labels file's reference (the content hash must
     match). LABELS is read from stdin when omitted or '-'. Prints the output path on stdout.
     """
-    from partreid.pplr_finetune.cross_agreement import refine_labels_file
-
     labels = read_input_path(labels, "labels file")
     guard_files(reads={"LABELS": labels}, writes={"--out": out, "--plot": plot})
+    from partreid.pplr_finetune.cross_agreement import refine_labels_file
+
     path, report = refine_labels_file(labels, out, k=k, plot=plot, device=device)
     click.echo(report, err=True)
     emit_output(path)

@@ -240,8 +240,8 @@ def atomic_path(dest: PathLike, inputs: tuple = ()) -> Iterator[Path]:
     """Yield a fresh partial path next to ``dest``; rename it to ``dest`` when the block exits cleanly.
 
     Under :func:`output_lock` of ``dest`` for the whole block; the partial file is unique to this process
-    (:func:`new_partial`); the result gets mode ``0666 & ~umask``. On an exception the partial file is removed
-    and ``dest`` is untouched.
+    (:func:`new_partial`); the result gets mode ``0666 & ~umask``; on success, partial files of ``dest`` left by
+    killed writers are removed. On an exception the partial file is removed and ``dest`` is untouched.
 
     Args:
         dest: final output path. Its folder is created if needed.
@@ -259,6 +259,9 @@ def atomic_path(dest: PathLike, inputs: tuple = ()) -> Iterator[Path]:
         try:
             yield tmp
             finalize(tmp, dest)
+            for stale in partials_of(dest):  # left by killed writers (we hold the lock: none is running)
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

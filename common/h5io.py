@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +214,24 @@ def _check_finite(path: Path, name: str, arr: np.ndarray) -> None:
                              f"{count}+ rows affected)")
 
 
+def _check_finite_stream(f: h5py.File, path: Path, name: str) -> None:
+    """:func:`_check_finite` on a dataset read ``_CHECK_ROWS`` rows at a time (not kept in memory)."""
+    ds = f[name]
+    rows = max(1, _CHECK_ROWS // max(1, int(np.prod(ds.shape[1:])) // 64))
+    for start in range(0, ds.shape[0], rows):
+        try:
+            block = ds[start:start + rows]
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: dataset '{name}' is unreadable, the file is probably truncated "
+                             f"({str(exc).splitlines()[0]})") from None
+        try:
+            _check_finite(path, name, block)
+        except InputError:
+            bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+            raise InputError(f"{path}: '{name}' holds NaN/Inf values (first at row "
+                             f"{start + int(np.nonzero(bad)[0][0])})") from None
+
+
 def _as_str_array(values: Sequence[str]) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=object)
 
@@ -247,8 +264,9 @@ def read_features(path: PathLike, parts: bool = True, allow_empty: bool = False)
     """Read and validate a features file.
 
     The whole file is validated, also what is not loaded: the shapes of ``global`` (N, D), ``parts``
-    (N, P, Dp; checked from the metadata when ``parts=False``), ``path``, ``pid`` and ``camid`` (N,), their
-    dtypes, and the finiteness of every feature loaded.
+    (N, P, Dp), ``path``, ``pid`` and ``camid`` (N,), their dtypes, and the finiteness of ``global`` and
+    ``parts`` (with ``parts=False`` the part features are streamed through the check, not kept), so a bad file
+    is refused by the first stage that opens it, not one stage later.
 
     Args:
         path: the ``.h5`` file.
@@ -293,6 +311,8 @@ def read_features(path: PathLike, parts: bool = True, allow_empty: bool = False)
         _check_kind(path, f, "camid", "iu", "integer ids")
         g = _read(f, path, "global")
         p = _read(f, path, "parts", required=False) if parts else None
+        if not parts and pshape is not None:
+            _check_finite_stream(f, path, "parts")
         paths = _read(f, path, "path")
         pid = _read(f, path, "pid").astype(np.int64, copy=False)
         camid = _read(f, path, "camid").astype(np.int64, copy=False)
@@ -703,9 +723,20 @@ def _read_labels_csv(path: Path) -> LabelsFile:
     if missing:
         raise InputError(f"{path}: CSV is missing column(s) {', '.join(missing)}")
     n = len(frame)
-    agree_cols = sorted([c for c in frame.columns if c.startswith("agreement_")], key=lambda c: int(c.split("_")[1]))
-    agreement = frame[agree_cols].to_numpy(np.float32) if agree_cols else None
-    pid = frame["pid"].to_numpy(np.int64) if "pid" in frame else np.full(n, -1, np.int64)
-    camid = frame["camid"].to_numpy(np.int64) if "camid" in frame else np.full(n, -1, np.int64)
-    return LabelsFile(frame["label"].to_numpy(np.int64), agreement, None,
-                      np.asarray(frame["path"].astype(str), dtype=object), pid, camid, attrs, path)
+    try:
+        agree_cols = sorted([c for c in frame.columns if c.startswith("agreement_")],
+                            key=lambda c: int(c.split("_")[1]))
+        agreement = frame[agree_cols].to_numpy(np.float32) if agree_cols else None
+        ints = {}
+        for col in ("label", "pid", "camid"):
+            if col in frame:
+                values = frame[col].to_numpy()
+                if values.dtype.kind not in "iu":
+                    raise ValueError(f"column '{col}' must hold integers")
+                ints[col] = values.astype(np.int64)
+            else:
+                ints[col] = np.full(n, -1, np.int64)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return LabelsFile(ints["label"], agreement, None, np.asarray(frame["path"].astype(str), dtype=object),
+                      ints["pid"], ints["camid"], attrs, path)
