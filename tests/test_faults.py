@@ -12,7 +12,7 @@ Every case runs an installed console script in a subprocess and asserts, whateve
 Classes (the ``CLASS`` field of each case): alias (the output guard), lock (one writer per path), mode (file
 modes), valid (validation at the boundary), usage (one-line usage errors), signal (SIGTERM like SIGINT),
 resume (a finished run), message (messages naming the real cause), run (run folders as inputs).
-Model-based cases use a randomly initialised ViT-Tiny on 96 repository crops at 64x32 pixels.
+Model-based cases use a randomly initialised ViT-Tiny on 32 repository crops at 64x32 pixels.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def env(tmp_path_factory):
     shutil.copyfile(f, root / "gone.h5")
     cluster_features_file(root / "gone.h5", inp / "lgone.h5", k1=10, k2=3, min_samples=2)
     (root / "gone.h5").unlink()
-    # dataset manifest: 96 repository crops (absolute paths), 4 ids x 2 cameras
-    crops = sorted(p for p in VTEST.glob("*.jpg"))[:96]
+    # dataset manifest: 32 repository crops (absolute paths), 4 ids x 2 cameras
+    crops = sorted(p for p in VTEST.glob("*.jpg"))[:32]
     (inp / "m.csv").write_text("path,pid,camid\n" + "".join(f"{c},{i % 4},{i % 2}\n" for i, c in enumerate(crops)))
     # a fake run folder and checkpoint file (refused before they are read)
     fake = inp / "fakerun"
@@ -194,7 +194,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def solo(env):
-    """A solo extract-features run on the 96-crop manifest: the reference file of the model-based cases."""
+    """A solo extract-features run on the 32-crop manifest: the reference file of the model-based cases."""
     ref = env.root / "ref"
     ref.mkdir()
     proc = run(["extract-features", *TINY, "-d", f"csv:{env.p('m.csv')}", "--out", ref / "e.h5"])
@@ -204,7 +204,7 @@ def solo(env):
 
 @pytest.fixture(scope="module")
 def ft_run(env, solo):
-    """A finished one-epoch finetune run (labels given as a file: 4 clusters of 24 crops)."""
+    """A finished one-epoch finetune run (labels given as a file: 4 clusters of 8 crops)."""
     from partreid.common.h5io import read_features, write_labels
 
     feats = read_features(solo)
@@ -498,7 +498,8 @@ def test_signal_sigterm_keeps_resumable_state(env, solo, out):
     time.sleep(0.5)
     alive = [pid for pid in os.listdir("/proc") if pid.isdigit() and _pgid(int(pid)) == proc.pid]
     assert not alive, f"processes of the killed run still alive: {alive}"
-    resumed = run([*argv[:1], *[str(a) for a in argv[1:]], "--resume"])
+    resumed = run(["extract-features", "-c", "random:vit_tiny", "--image-size", "64x32", "-b", "8", "-j", "0",
+                   "-d", f"csv:{env.p('m.csv')}", "--out", out / "e.h5", "--resume"])
     check_streams(resumed, 0)
     assert sorted(p.name for p in out.iterdir()) == ["e.h5"]
     assert_same_features(out / "e.h5", solo)
@@ -557,7 +558,7 @@ def test_run_folder_as_checkpoint_and_inspect(env, ft_run, solo, out):
     check_streams(proc, 0)
     assert "last.pth" in proc.stderr
     with h5py.File(out / "e.h5", "r") as f:
-        assert f["global"].shape[0] == 96
+        assert f["global"].shape[0] == 32
     check_modes([out / "e.h5"], 0o022)
     info = run(["inspect-data", ft_run])
     check_streams(info, 0)
