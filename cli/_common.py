@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -200,10 +201,8 @@ def _expand_read(label: str, path: str) -> List[Tuple[str, str]]:
     out = [(label, path)]
     p = Path(path)
     try:
-        if p.is_dir():
-            for i, child in enumerate(sorted(p.iterdir())):
-                if i >= 1000:
-                    break
+        if p.is_dir():  # a run folder; at most 1000 entries are looked at (never a whole dataset tree)
+            for child in itertools.islice(p.iterdir(), 1000):
                 if child.is_file():
                     out.append((f"{label} (in {path})", str(child)))
         elif p.is_file():
@@ -295,6 +294,8 @@ def guard_files(*, reads: Optional[Dict[str, Any]] = None, writes: Optional[Dict
     """
     from partreid.common.fileio import output_lock, same_file
 
+    if not (writes or run_dirs or out_dirs):
+        return
     read_list: List[Tuple[str, str]] = []
     for label, path in (reads or {}).items():
         if path not in (None, "", "-") and not str(path).startswith("random:"):
