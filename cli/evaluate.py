@@ -51,11 +51,11 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     Distances and rankings are processed in chunks of queries, so memory stays bounded. Without --out the
     table is printed on stdout.
     """
+    from partreid.cli._stages import evaluate_checkpoint, evaluate_files, format_metrics_table
     from partreid.common.errors import InputError
     from partreid.common.fileio import atomic_path
-    from partreid.common.pipeline import evaluate_checkpoint, evaluate_files, format_metrics_table
 
-    seed_everything(seed)
+    seed_everything(seed, torch=bool(checkpoint))  # torch only when a network runs
     kwargs = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric,
                   show_ranks=show_ranks)
     if checkpoint:

@@ -57,7 +57,7 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     output path on stdout.
     """
     from partreid.common.distributed import init_distributed
-    from partreid.common.pipeline import extract_features
+    from partreid.cli._stages import extract_features
 
     seed_everything(seed)
     device = init_distributed(resolve_device(device))

@@ -95,8 +95,14 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
         classifier_capacity=classifier_capacity, eval_every=eval_every, eval_data=eval_data, labels=labels_file,
         keep_intermediate=keep_intermediate, resnet_weights=resnet_weights, workers=workers, amp=amp,
         resume=resume, seed=seed, device=device, progress=not quiet)
-    path = finetune(cfg, out, plot=plot)
+    path = finetune(cfg, out)
     from partreid.common.distributed import is_main_process
 
     if is_main_process():
+        if plot:
+            from pathlib import Path
+
+            from partreid.cli._plots import plot_history
+
+            click.echo(f"curves: {plot_history(Path(out) / 'metrics.csv', Path(out) / 'metrics.png')}", err=True)
         emit_output(path)

@@ -42,6 +42,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import h5py
 import numpy as np
+import pandas as pd
 
 from partreid.common import __version__
 from partreid.common.errors import InputError
@@ -543,8 +544,6 @@ def features_for_labels(labels: LabelsFile, features_path: Optional[PathLike] = 
 
 # --------------------------------------------------------------------------------------------- CSV export
 def _write_labels_csv(out: Path, labels, paths, pid, camid, agreement, meta, inputs) -> Path:
-    import pandas as pd
-
     frame = pd.DataFrame({"path": paths, "pid": pid, "camid": camid, "label": labels})
     if agreement is not None:
         for j in range(agreement.shape[1]):
@@ -559,8 +558,6 @@ def _write_labels_csv(out: Path, labels, paths, pid, camid, agreement, meta, inp
 
 
 def _read_labels_csv(path: Path) -> LabelsFile:
-    import pandas as pd
-
     if not path.exists():
         raise InputError(f"{path}: no such labels file")
     attrs: Dict[str, Any] = {}

@@ -39,12 +39,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
 
 import partreid.common.distributed as cdist
 from partreid.common.errors import InputError
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
 from partreid.common.fileio import atomic_path
-from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
+from partreid.common.models.archs import ARCHS
+from partreid.common.models.checkpoint import read_checkpoint
+from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, save_backbone
 from partreid.pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
 from partreid.pass_pretrain.heads import PASSMultiCrop
 from partreid.pass_pretrain.loss import PASSLoss
@@ -449,8 +452,8 @@ def _setup_distributed(device_pref: str) -> Tuple[torch.device, int, int, bool]:
 
 
 def _backbone_meta(config: PassConfig) -> Dict[str, Any]:
-    dims = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[config.arch]
-    return {"arch": config.arch, "embed_dim": dims[0], "num_heads": dims[1], "depth": config.depth,
+    return {"arch": config.arch, "embed_dim": ARCHS[config.arch]["embed_dim"],
+            "num_heads": ARCHS[config.arch]["num_heads"], "depth": config.depth,
             "num_parts": 3, "patch_size": config.patch_size, "image_size": list(config.image_size),
             "pixel_mean": list(IMAGENET_MEAN), "pixel_std": list(IMAGENET_STD)}
 
@@ -589,8 +592,6 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                             "n_images": n_images, "world_size": world, "config": asdict(config),
                             "rng": rng_state(), META_KEY: _backbone_meta(config)})
             _save_checkpoint(path, payload)
-
-        from tqdm import tqdm
 
         fields = ["epoch", "iteration", "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s"]
         metrics_file = None

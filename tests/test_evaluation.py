@@ -1,15 +1,14 @@
 """Evaluation core: exact mAP/CMC/mINP against a straightforward reference, CUHK03 SGS, top-k, pictures."""
 
-import sys
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from partreid.common.errors import InputError
+from partreid.common.retrieval import evaluation
 from partreid.common.retrieval.evaluation import (distance_chunks, evaluate_distances, evaluate_features, topk_per_query)
-from partreid.common.visualize import (QUERY_COLOR, RIGHT_COLOR, WRONG_COLOR, ranked_list_layout, save_ranked_lists)
+from partreid.cli._plots import (QUERY_COLOR, RIGHT_COLOR, WRONG_COLOR, ranked_list_layout, save_ranked_lists)
 
 KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")
 
@@ -199,7 +198,7 @@ def test_evaluate_features_rerank_uses_reranking_module(monkeypatch):
         calls.append((q.shape, g.shape, k1, k2, lambda_value, chunk_size))
         return iter([(0, fixed[:4]), (4, fixed[4:])])
 
-    monkeypatch.setitem(sys.modules, "partreid.common.retrieval.reranking", types.SimpleNamespace(reranked_distance_chunks=fake))
+    monkeypatch.setattr(evaluation, "reranked_distance_chunks", fake)
     got = evaluate_features(qf, gf, qp, qc, gp, gc, rerank=True, k1=7, k2=3, lambda_value=0.5, chunk_size=4)
     assert calls == [((6, 4), (10, 4), 7, 3, 0.5, 4)]
     assert_same(got, reference_metrics(fixed, qp, qc, gp, gc))

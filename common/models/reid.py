@@ -46,6 +46,9 @@ import torch.nn.functional as F
 
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
+from partreid.common.models.checkpoint import read_checkpoint
+from partreid.common.models.resnet import ResNetStripes
+from partreid.common.models.vit import build_part_vit
 
 __all__ = [
     "GroupedBatchNorm1d", "GroupedBatchNorm2d", "convert_to_grouped_bn", "cluster_centroids", "ReIDModel",
@@ -466,11 +469,7 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
         InputError: unknown arch (raised by the builders) or bad arguments.
     """
     if arch == "resnet50":
-        from partreid.common.models.resnet import ResNetStripes
-
         return ResNetStripes(**kwargs)
-    from partreid.common.models.vit import build_part_vit
-
     return build_part_vit(arch, **kwargs)
 
 
@@ -574,10 +573,7 @@ def load_reid_checkpoint(path: Union[str, os.PathLike], map_location: Union[str,
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: model checkpoint not found")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{p}: cannot read as a torch checkpoint ({type(exc).__name__})") from exc
+    obj = read_checkpoint(p, weights_only=True, map_location=map_location, what="model checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != REID_FORMAT:
         tag = obj.get("format") if isinstance(obj, dict) else None
         raise InputError(f"{p}: not a {REID_FORMAT} checkpoint (format={tag!r})")

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from partreid.common.errors import InputError
 from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.errors import InputError
+from partreid.common.models.checkpoint import read_checkpoint
 
 __all__ = ["ResNetStripes", "IMAGENET_MEAN", "IMAGENET_STD", "RESNET50_V1_URL", "load_torchvision_state_dict"]
 
@@ -44,11 +45,7 @@ def load_torchvision_state_dict(path: Union[str, os.PathLike]) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: ResNet-50 weights file not found; {_HOW_TO_GET}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad input file
-        raise InputError(f"{p}: cannot read as a torch checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) \
-            from exc
+    obj = read_checkpoint(p, weights_only=True, what="ResNet-50 weights file")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):

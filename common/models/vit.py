@@ -28,20 +28,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
-from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.models.archs import ARCHS, VIT_ARCHS
+from partreid.common.models.checkpoint import read_checkpoint
 
-
-#: width D and number of attention heads per size (§A.1; ``vit_tiny`` is the DeiT-Ti size for CPU demos).
-VIT_ARCHS: Dict[str, Dict[str, int]] = {
-    "vit_tiny": {"embed_dim": 192, "num_heads": 3},
-    "vit_small": {"embed_dim": 384, "num_heads": 6},
-    "vit_base": {"embed_dim": 768, "num_heads": 12},
-}
 
 #: key fragments the official downstream loaders drop from a checkpoint (§A.9): heads, distillation token, …
 _SKIP_FRAGMENTS = ("head", "dist", "pre_logits", "fc.", "classifier", "bottleneck")
@@ -91,7 +86,7 @@ class PartViT(nn.Module):
     """ViT/16 with one [CLS] and ``num_parts`` [PART] tokens (PASS, reference-spec §A.1–§A.2).
 
     Args:
-        arch: size name in :data:`VIT_ARCHS` (``vit_tiny`` D=192/3 heads, ``vit_small`` 384/6, ``vit_base``
+        arch: size name in :data:`partreid.common.models.archs.VIT_ARCHS` (``vit_tiny`` D=192/3 heads, ``vit_small`` 384/6, ``vit_base``
             768/12). ``embed_dim``/``num_heads`` override it.
         depth: number of transformer blocks (12 in the paper; smaller values for tests).
         image_size: default input (H, W) in pixels; the position table ``pos_embed`` has the grid
@@ -121,7 +116,7 @@ class PartViT(nn.Module):
         super().__init__()
         if arch not in VIT_ARCHS and (embed_dim is None or num_heads is None):
             raise InputError(f"unknown ViT arch {arch!r}; choose one of {', '.join(VIT_ARCHS)}")
-        spec = VIT_ARCHS.get(arch, {})
+        spec = ARCHS.get(arch, {})
         self.arch = arch
         self.embed_dim = int(embed_dim if embed_dim is not None else spec["embed_dim"])
         self.num_heads = int(num_heads if num_heads is not None else spec["num_heads"])
@@ -184,8 +179,6 @@ class PartViT(nn.Module):
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth after construction (e.g. 0.3 for PASS's USL fine-tuning, §B.2): block i gets
         ``rate·i/(depth-1)``, as at construction. Uses timm's ``DropPath``."""
-        from timm.layers import DropPath
-
         self.drop_path_rate = float(rate)
         for r, block in zip(torch.linspace(0, rate, self.depth).tolist(), self.blocks):
             block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
@@ -428,17 +421,6 @@ def load_vit_weights(model: PartViT, checkpoint: Any, *, pos_interp: str = "bili
     return report
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
-    """``torch.load`` a checkpoint on the CPU; raises InputError (one line) when it is absent or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})".replace("\n", " "))
-
-
 def detect_vit_arch(state_dict: Any) -> str:
     """Size name (``vit_tiny``/``vit_small``/``vit_base``) of ViT weights, from the width of ``cls_token``.
 
@@ -455,10 +437,10 @@ def vit_geometry(state_dict: Any) -> Dict[str, Any]:
     """
     sd, fmt, meta, _ = unwrap_backbone_state(state_dict)
     width = int(sd["cls_token"].shape[-1])
-    arch = next((name for name, spec in VIT_ARCHS.items() if spec["embed_dim"] == width), None)
+    arch = next((name for name in VIT_ARCHS if ARCHS[name]["embed_dim"] == width), None)
     if arch is None:
         raise InputError(f"ViT width {width} matches none of "
-                         + ", ".join(f"{k} (D={v['embed_dim']})" for k, v in VIT_ARCHS.items()))
+                         + ", ".join(f"{k} (D={ARCHS[k]['embed_dim']})" for k in VIT_ARCHS))
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     num_parts = sum(1 for k in sd if k.startswith("part_token"))
     return {"arch": arch, "embed_dim": width, "depth": depth, "num_parts": num_parts, "format": fmt, "meta": meta}

@@ -54,11 +54,14 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
+from partreid.common.retrieval.reranking import reranked_distance_chunks
+from partreid.common.retrieval.search import l2_normalize_rows
 
 __all__ = [
     "distance_chunks",
     "evaluate_distances",
     "evaluate_features",
+    "evaluate_rank",
     "topk_per_query",
     "default_chunk_size",
 ]
@@ -68,8 +71,10 @@ CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def default_chunk_size(num_gallery: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Query rows per chunk so that one float32 (rows × ``num_gallery``) block takes about ``chunk_bytes``."""
-    return max(1, int(chunk_bytes) // (4 * max(1, int(num_gallery))))
+    """Query rows per chunk so that one float32 (rows × ``num_gallery``) block takes about ``chunk_bytes``
+    (a multiple of 64 rows, at least 64)."""
+    rows = int(chunk_bytes) // (4 * max(1, int(num_gallery)))
+    return max(64, rows - rows % 64)
 
 
 # ----------------------------------------------------------------------------------------------- distances
@@ -106,7 +111,7 @@ def distance_chunks(qf, gf, metric: str = "euclidean",
 
     Yields:
         ``(q_start, dist)`` with ``dist`` a fresh float32 (c, G) array for queries ``q_start … q_start+c−1``,
-        in query order. The product runs in torch (multi-threaded BLAS); peak extra memory is one block.
+        in query order. The product is one float32 BLAS call per block; peak extra memory is two blocks.
 
     Raises:
         InputError: not 2-D, empty, different widths, NaN/inf features, unknown metric, chunk_size < 1.
@@ -117,8 +122,6 @@ def distance_chunks(qf, gf, metric: str = "euclidean",
 
 def _checked_distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: Optional[int]):
     """:func:`distance_chunks` on features already validated by :func:`_as_features`."""
-    import torch
-
     if metric not in ("euclidean", "cosine"):
         raise InputError(f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
     if q.shape[1] != g.shape[1]:
@@ -127,31 +130,46 @@ def _checked_distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size
         chunk_size = default_chunk_size(g.shape[0])
     if int(chunk_size) < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk_size = int(chunk_size)
-    return _distance_iter(torch, q, g, metric, chunk_size)
+    return _distance_iter(q, g, metric, int(chunk_size))
 
 
-def _distance_iter(torch, q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
-    # inputs come from numpy (no autograd graph), so no torch.no_grad() here: a grad-mode context left open
-    # across ``yield`` would leak into the consumer's code
-    tq = torch.from_numpy(q)
-    tg = torch.from_numpy(g)
+#: query rows per BLAS call. A row's distances are always computed in the same tile of ``TILE_ROWS`` rows
+#: (tiles start at multiples of ``TILE_ROWS``; the last one is zero-padded), because BLAS rounds a row
+#: differently depending on the matrix shape and the row's place in it: this keeps the values, and so the
+#: rankings of near-tied entries, independent of ``chunk_size``.
+TILE_ROWS = 64
+
+
+def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
+    # float32 throughout, one sgemm per tile (numpy's multi-threaded BLAS). Euclidean entries are
+    # fl((‖q‖² + ‖g‖²) + (−2)·q·g), the rounding of the peers' ``addmm_`` (the factor −2 is exact)
     if metric == "cosine":
-        tq = torch.nn.functional.normalize(tq, dim=1)
-        tg = torch.nn.functional.normalize(tg, dim=1)
+        q = l2_normalize_rows(q, tol=0.0)
+        g = l2_normalize_rows(g, tol=0.0)
     else:
-        qn = torch.pow(tq, 2).sum(dim=1)
-        gn = torch.pow(tg, 2).sum(dim=1)
-    gt = tg.t()
-    for start in range(0, q.shape[0], chunk_size):
-        stop = min(start + chunk_size, q.shape[0])
+        qn = np.einsum("ij,ij->i", q, q)
+        gn = np.einsum("ij,ij->i", g, g)
+    gt = g.T
+    nq = q.shape[0]
+    for start in range(0, nq, chunk_size):
+        stop = min(start + chunk_size, nq)
+        out = np.empty((stop - start, g.shape[0]), np.float32)
+        for t0 in range(start - start % TILE_ROWS, stop, TILE_ROWS):
+            t1 = t0 + TILE_ROWS
+            a, b = max(t0, start), min(t1, stop)
+            if t0 >= start and t1 <= stop:
+                np.matmul(q[t0:t1], gt, out=out[t0 - start:t1 - start])
+                continue
+            tile = q[t0:min(t1, nq)]
+            if tile.shape[0] < TILE_ROWS:
+                tile = np.concatenate([tile, np.zeros((TILE_ROWS - tile.shape[0], q.shape[1]), np.float32)])
+            out[a - start:b - start] = (tile @ gt)[a - t0:b - t0]
         if metric == "cosine":
-            out = torch.ones((stop - start, g.shape[0]), dtype=torch.float32)
-            out.addmm_(tq[start:stop], gt, beta=1, alpha=-1)
+            np.subtract(np.float32(1.0), out, out=out)
         else:
-            out = qn[start:stop, None] + gn[None, :]
-            out.addmm_(tq[start:stop], gt, beta=1, alpha=-2)
-        yield start, out.numpy()
+            out *= np.float32(-2.0)
+            out += qn[start:stop, None] + gn[None, :]
+        yield start, out
 
 
 # ---------------------------------------------------------------------------------------------- rankings
@@ -412,12 +430,68 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
     if rerank:
         if metric != "euclidean":
             raise InputError("re-ranking uses the squared Euclidean distance; use metric='euclidean'")
-        from partreid.common.retrieval.reranking import reranked_distance_chunks
         chunks = reranked_distance_chunks(q, g, k1, k2, lambda_value, chunk_size)
     else:
         chunks = _checked_distance_iter(q, g, metric, chunk_size)
     return evaluate_distances(chunks, qp, qc, gp, gc, max_rank=max_rank, protocol=protocol,
                               sgs_repeats=sgs_repeats, seed=seed)
+
+
+def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camids=None, *, qf=None, gf=None,
+                  metric: str = "euclidean", rerank: bool = False, k1: int = 20, k2: int = 6,
+                  lambda_value: float = 0.3, protocol: str = "market", max_rank: int = 50,
+                  chunk_size: Optional[int] = None) -> Dict[str, object]:
+    """mAP, CMC and mINP of a retrieval on arrays: a distance matrix, or query and gallery features.
+
+    The labels come in torchreid's ``metrics.evaluate_rank`` order (query pids, gallery pids, query camids,
+    gallery camids). The numbers are those of the open-reid / TransReID evaluators (open-reid
+    ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``, TransReID ``utils/metrics.py`` ``eval_func``), see the
+    module docstring; ``evaluate --query --gallery`` and every ``finetune`` evaluation call this function.
+
+    Args:
+        distmat: float (Q, G) distances, smaller = closer; or None and give ``qf`` and ``gf``.
+        q_pids, g_pids: int (Q,) and (G,) person ids (gallery pid 0 = distractor, a negative).
+        q_camids, g_camids: int (Q,) and (G,) camera ids.
+        qf, gf: float32 (Q, D) and (G, D) features, used when ``distmat`` is None; compared with ``metric``
+            (``'euclidean'``: squared Euclidean, ``'cosine'``) one block of queries at a time, so a Q×G matrix
+            is never held. Normalise them first when the recipe says so (``extract-features`` does).
+        rerank: k-reciprocal re-ranking of the feature distances (Zhong et al. CVPR 2017, Eq. 12;
+            ``re_ranking`` in TransReID ``utils/reranking.py``) with ``k1``, ``k2``, ``lambda_value``.
+        protocol: ``'market'`` or ``'cuhk03'`` (single-gallery-shot CMC).
+        max_rank: length of the CMC curve. chunk_size: query rows per distance block.
+
+    Returns:
+        dict: ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``rank20``, ``mINP`` (floats, fractions in [0, 1]),
+        ``cmc`` (list of ``max_rank`` floats: ``cmc[k]`` = fraction of valid queries with a positive within the
+        top k+1), ``num_query``, ``num_valid_query`` (queries with a positive in another camera),
+        ``num_gallery`` (ints); with ``rerank`` also ``rerank``, ``k1``, ``k2``, ``lambda``. JSON-serialisable.
+
+    Raises:
+        InputError: neither or both of ``distmat`` and features, shapes or lengths that disagree, NaN values,
+            re-ranking without features, or no query with a positive in the gallery.
+    """
+    if (distmat is None) == (qf is None or gf is None):
+        raise InputError("give either distmat, or both qf and gf")
+    if any(x is None for x in (q_pids, g_pids, q_camids, g_camids)):
+        raise InputError("q_pids, g_pids, q_camids and g_camids are all required")
+    if distmat is not None:
+        if rerank:
+            raise InputError("re-ranking needs the features: pass qf and gf instead of distmat")
+        d = np.asarray(distmat.detach().cpu().numpy() if hasattr(distmat, "detach") else distmat)
+        if d.ndim != 2:
+            raise InputError(f"distmat must be 2-D (Q, G), got shape {d.shape}")
+        metrics = evaluate_distances([(0, d)], q_pids, q_camids, g_pids, g_camids, max_rank=max_rank,
+                                     protocol=protocol)
+    else:
+        metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric, rerank=rerank,
+                                    k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=chunk_size,
+                                    protocol=protocol, max_rank=max_rank)
+    out: Dict[str, object] = {k: float(metrics[k]) for k in ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")}
+    out["cmc"] = [float(v) for v in metrics["cmc"]]
+    out.update({k: int(metrics[k]) for k in ("num_query", "num_valid_query", "num_gallery")})
+    if rerank:
+        out.update({"rerank": True, "k1": int(k1), "k2": int(k2), "lambda": float(lambda_value)})
+    return out
 
 
 def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_pids=None, q_camids=None,

@@ -22,7 +22,9 @@ import math
 import sys
 from typing import Optional, Tuple
 
+import faiss
 import numpy as np
+from tqdm import tqdm
 
 from partreid.common.errors import InputError
 
@@ -32,10 +34,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _faiss():
-    try:
-        import faiss  # noqa: WPS433 (imported lazily: the CLI starts faster without it)
-    except ImportError as exc:  # pragma: no cover - faiss is a hard dependency
-        raise InputError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12)") from exc
+    """The faiss module (kept as a function for the callers that take it from here)."""
     return faiss
 
 
@@ -45,6 +44,30 @@ def faiss_gpu_available() -> bool:
     get = getattr(faiss, "get_num_gpus", None)
     return bool(get is not None and get() > 0 and hasattr(faiss, "StandardGpuResources")
                 and hasattr(faiss, "index_cpu_to_gpu"))
+
+
+def l2_normalize_rows(x, *, tol: float = 1e-4) -> np.ndarray:
+    """L2-normalise the rows of a feature matrix: the one normalisation of clustering, cross-agreement and
+    cosine evaluation.
+
+    Args:
+        x: (N, D) real array (float32 or any real dtype; a CPU torch tensor is accepted).
+        tol: when every row norm is already within ``tol`` of 1, ``x`` is returned unchanged (as float32), so
+            normalised features (``extract-features`` writes them) stay bit-identical. ``0`` always divides.
+
+    Returns:
+        float32 (N, D) C-contiguous array; each row divided by its L2 norm (computed in float64). An all-zero
+        row stays all zero (as ``torch.nn.functional.normalize`` leaves it): it is similar to nothing.
+
+    Raises:
+        InputError: not 2-D, or NaN/infinite values.
+    """
+    x = _as_float32_matrix(x, "features")
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    if x.shape[0] and np.abs(norms - 1.0).max() <= tol:
+        return x
+    norms[norms == 0] = 1.0
+    return (x / norms[:, None]).astype(np.float32)
 
 
 def _as_float32_matrix(a, name: str) -> np.ndarray:
@@ -178,7 +201,6 @@ def knn_search(x, k: int, *, queries=None, metric: str = "ip", method: str = "ex
     exact_index = None
     starts = range(0, nq, chunk_size)
     if progress:
-        from tqdm import tqdm
         starts = tqdm(starts, desc=f"kNN ({method})", unit="chunk", file=sys.stderr)
     for s in starts:
         e = min(s + chunk_size, nq)
