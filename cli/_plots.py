@@ -5,8 +5,8 @@
 Ranked-list pictures: a query followed by its top-k gallery images, framed green (right) or red (wrong).
 Used by ``evaluate --show-ranks N --out-dir DIR``. The ranking comes from
 :func:`partreid.common.retrieval.evaluation.topk_per_query`; junk entries (same pid AND same camid as the query, Market protocol,
-reference-spec §E.1) are skipped here as well, so a top-k computed without labels can be passed as long as it
-has enough spare columns.
+open-reid ``evaluation_metrics/ranking.py`` ``mean_ap``) are skipped here as well, so a top-k computed without labels
+can be passed as long as it has enough spare columns.
 
 Layout of one picture (all sizes in pixels; see :func:`ranked_list_layout`): ``1 + topk`` cells of
 ``tile_size = (width, height)`` in a row, the query first, a wider gap after the query. Each cell is the image

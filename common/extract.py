@@ -2,7 +2,8 @@
 
 The same functions serve ``extract-features``, ``evaluate --checkpoint`` and every epoch of ``finetune``.
 
-Feature definitions (reference-spec §A.9, §B.1, §C.1):
+Feature definitions (PASS-reID ``TR/model/make_model.py`` ``build_transformer_pass``; PPLR
+``pplr/models/resnet_part.py`` ``ResNetPart``; PPLR ``examples/train_pplr.py`` ``extract_all_features``):
 
 - ViT backbone (PASS): ``fusion='cls'`` gives the [CLS] output; ``'cat'`` gives [f_cls ; mean(f_part)]
   (2D); ``'mean'`` gives (f_cls + mean(f_part))/2 (D). Parts are the three [PART] outputs.

@@ -1,4 +1,5 @@
-"""PPLR cross-agreement scores (Cho et al., CVPR 2022, Eq. 1; reference-spec §C.3).
+"""PPLR cross-agreement scores (Cho et al., CVPR 2022, Eq. 1; PPLR
+``examples/train_pplr.py`` ``compute_cross_agreement``).
 
 For every sample i and part n, the agreement between the global feature space and the part-n feature space is
 the Jaccard index of the two top-k neighbour sets:

@@ -1,8 +1,10 @@
-"""DBSCAN pseudo-labels on the sparse k-reciprocal Jaccard distance (PPLR / cluster-contrast; spec §C.2 step 2).
+"""DBSCAN pseudo-labels on the sparse k-reciprocal Jaccard distance (PPLR ``examples/train_pplr.py``
+``compute_pseudo_labels``; cluster-contrast).
 
 Pipeline (:func:`pseudo_labels`): exact (or approximate) faiss kNN on the L2-normalised global features →
-sparse k-reciprocal Jaccard radius graph (:mod:`partreid.common.retrieval.kreciprocal`, reference-spec §D.1) → scikit-learn
-``DBSCAN(metric='precomputed')`` on that sparse graph. Outliers are labelled -1. Nothing N×N is allocated.
+sparse k-reciprocal Jaccard radius graph (:mod:`partreid.common.retrieval.kreciprocal`, PPLR
+``pplr/utils/faiss_rerank.py`` ``compute_jaccard_distance``) → scikit-learn ``DBSCAN(metric='precomputed')`` on that
+sparse graph. Outliers are labelled -1. Nothing N×N is allocated.
 
 Quality helpers for choosing eps: :func:`cluster_quality` (NMI, ARI, pairwise precision/recall/F-score against
 real pids), :func:`sweep_eps` (one distance graph, many eps values) and :func:`size_histogram`.
@@ -110,7 +112,9 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
                   convention: str = "reference", knn: str = "exact", *, max_distance: Optional[float] = None,
                   device: str = "auto", search_options: Optional[dict] = None,
                   n_jobs: Optional[int] = None) -> ClusterResult:
-    """Cluster features into pseudo-labels: kNN → sparse k-reciprocal Jaccard → DBSCAN (spec §C.2 step 2, §D).
+    """Cluster features into pseudo-labels: kNN → sparse k-reciprocal Jaccard → DBSCAN (PPLR
+    ``examples/train_pplr.py`` ``compute_pseudo_labels``, ``pplr/utils/faiss_rerank.py``
+    ``compute_jaccard_distance``).
 
     Args:
         features: float32 (N, D) global features; rows are L2-normalised first unless they already are

@@ -1,4 +1,5 @@
-"""PPLR unsupervised fine-tuning: the epoch loop (reference-spec §C.2; PASS's own USL setting §B.2 as a preset).
+"""PPLR unsupervised fine-tuning: the epoch loop (PPLR ``examples/train_pplr.py`` ``main_worker``; PASS's own USL
+setting PASS-reID ``CC-PASS/examples/cluster_contrast_train_usl.py`` as a preset).
 
 Each epoch:
 
@@ -63,7 +64,8 @@ from partreid.pplr_finetune.sampler import PKSampler
 
 log = logging.getLogger("partreid.finetune")
 
-#: hyper-parameter presets (reference-spec §C.2-C.5, §C.7 and §B.2)
+#: hyper-parameter presets (argparse defaults of PPLR ``examples/train_pplr.py`` and ``train_pplr_cam.py``, and
+#: PASS-reID ``CC-PASS/examples/cluster_contrast_train_usl.py`` with its ``market_usl_cat_singleneck.sh``)
 PRESETS: Dict[str, Dict[str, Any]] = {
     # PPLR (CVPR'22): Adam 3.5e-4, wd 5e-4, StepLR 20/0.1, 50 epochs x 400 iterations, batch 64 = 16 x 4.
     "pplr": {},
@@ -80,7 +82,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class FinetuneConfig:
-    """Everything a fine-tuning run needs; the defaults are PPLR's (reference-spec §C, §H)."""
+    """Everything a fine-tuning run needs; the defaults are PPLR's (the argparse defaults of
+    PPLR ``examples/train_pplr.py``)."""
 
     checkpoint: str = ""
     data: str = ""
@@ -108,7 +111,7 @@ class FinetuneConfig:
     beta: float = 0.5
     aals_epoch: int = 5
     label_smooth: float = 0.1
-    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (§C.4); "bnneck-input" = pre-BN (TransReID)
+    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (``PPLRTrainer``); "bnneck-input" = pre-BN (TransReID)
     camera_aware: bool = False
     lambda_cam: float = 0.5
     cam_temperature: float = 0.07
@@ -152,10 +155,10 @@ class FinetuneConfig:
 
 # --------------------------------------------------------------------------------------------------- helpers
 def train_transform(image_size, mean, std):
-    """PPLR/TransReID train augmentation (§C.5): resize (bicubic), flip 0.5, zero-pad 10 + random crop, to tensor,
-    normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3, fill = ImageNet mean written into the
-    normalised tensor, as the reference does). torchvision draws the erasing aspect log-uniformly; the reference
-    draws it uniformly in (0.3, 1/0.3)."""
+    """PPLR/TransReID train augmentation (PPLR ``examples/train_pplr.py`` ``get_train_loader``): resize (bicubic),
+    flip 0.5, zero-pad 10 + random crop, to tensor, normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3,
+    fill = ImageNet mean written into the normalised tensor, as the reference does). torchvision draws the erasing
+    aspect log-uniformly; the reference draws it uniformly in (0.3, 1/0.3)."""
     size = tuple(image_size)
     return T.Compose([
         T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
@@ -409,7 +412,8 @@ class _Run:
         return means
 
     def losses(self, epoch, out, y, ca, cams, memory, proxies) -> Dict[str, torch.Tensor]:
-        """The loss terms of one batch (PPLR §C.4, PPLR-CAM §C.7, or cluster-contrast §B.2)."""
+        """The loss terms of one batch (PPLR ``pplr/trainers.py`` ``PPLRTrainer``,
+        ``PPLRTrainerCAM``, or cluster-contrast ``clustercontrast/trainers.py``)."""
         cfg = self.cfg
         tri_feat = out["global_bn"] if cfg.triplet_feature == "bnneck-output" else out["global_feat"]
         if cfg.loss == "cluster-contrast":

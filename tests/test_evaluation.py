@@ -72,7 +72,8 @@ def test_matches_reference_with_ties_distractors_junk(seed):
 
 
 def test_reference_agrees_with_sklearn_ap_without_ties():
-    # open-reid's AP (spec §E.1) is sklearn's average_precision_score; equal to ours without ties
+    # open-reid's AP (open-reid ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``) is sklearn's
+    # average_precision_score; equal to ours without ties
     from sklearn.metrics import average_precision_score
     rng = np.random.default_rng(7)
     dist, qp, qc, gp, gc = random_problem(7)

@@ -1,4 +1,5 @@
-"""ReIDModel, ghost BatchNorm, ResNetStripes and the fine-tuned model checkpoint (reference-spec §C.1, §A.9, §G)."""
+"""ReIDModel, ghost BatchNorm, ResNetStripes and the fine-tuned model checkpoint (PPLR
+``pplr/models/resnet_part.py``, ``examples/train_pplr.py``)."""
 
 import copy
 import math

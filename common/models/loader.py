@@ -5,7 +5,7 @@ Accepted (detected from the file's content, not its name):
 - our ``pass-pretrain`` run checkpoints (``checkpoint.pth`` with ``teacher``/``student``; the teacher backbone is
   used) and ``pass-pretrain export`` files;
 - the official PASS checkpoints (``pass_vit_small_full.pth``, ``pass_vit_base_full.pth``: the converted teacher
-  backbone, reference-spec §A.9), also DINO-style dicts holding ``teacher``;
+  backbone, PASS ``convert_model_dino.py``), also DINO-style dicts holding ``teacher``;
 - our ``finetune`` checkpoints (``format`` = ``partreid.reid_model``: backbone + BNNecks + classifiers);
 - timm ViT state dicts (part tokens initialised from [CLS]);
 - torchvision ResNet-50 state dicts, giving PPLR's part model (last stride 1, 3 horizontal stripes);

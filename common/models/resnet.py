@@ -1,4 +1,5 @@
-"""ResNet-50 with last stride 1 and horizontal stripes: PPLR's original part backbone (reference-spec §C.1).
+"""ResNet-50 with last stride 1 and horizontal stripes: PPLR's original part backbone (PPLR
+``pplr/models/resnet_part.py``).
 
 The network is torchvision's ResNet-50. The stride of ``layer4[0].conv2`` and of its downsample conv is set
 to 1, so a 384×128 input gives a 2048×24×8 layer-4 map (instead of 12×4). The global feature is the global
@@ -83,7 +84,7 @@ class ResNetStripes(nn.Module):
         InputError: bad ``weights`` (not a local file, unreadable, wrong keys/shapes), ``num_parts`` < 1,
             ``last_stride`` not 1 or 2.
 
-    Source: reference-spec §C.1 (PPLR/pplr/models/resnet_part.py).
+    Source: PPLR ``pplr/models/resnet_part.py`` ``ResNetPart``.
     """
 
     arch = "resnet50"

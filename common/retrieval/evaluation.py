@@ -1,14 +1,16 @@
-"""Re-ID retrieval evaluation: mAP, CMC and mINP with bounded memory (reference-spec §E, §C.6, §B.1).
+"""Re-ID retrieval evaluation: mAP, CMC and mINP with bounded memory (open-reid ``evaluation_metrics/ranking.py``
+``mean_ap``/``cmc`` as in PPLR ``pplr/evaluators.py``; TransReID ``utils/metrics.py`` ``eval_func``).
 
-The peers (open-reid style, spec §E.1; TransReID style, spec §E.2) build the full Q×G float32 distance matrix
-and an int64 ``argsort`` of every row, which needs 12–16 GB of RAM at MSMT17 size (spec §E.3). Here the
-distances are produced and consumed in chunks of query rows (:func:`distance_chunks`), and no row is fully
-sorted: for each query only its positives are sorted, and the valid negatives ranked before each positive are
-counted with a binary search (:func:`evaluate_distances`). The numbers are those of the straightforward
-definition below, exactly (integer ranks; only the final averaging is floating point).
+The peers (open-reid style, open-reid ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``; TransReID style,
+TransReID ``utils/metrics.py`` ``eval_func``) build the full Q×G float32 distance matrix and an int64 ``argsort`` of
+every row, which needs 12–16 GB of RAM at MSMT17 size (3.8 GB of float32 distances, 7.7 GB of int64 indices, the
+match matrix). Here the distances are produced and consumed in chunks of query rows (:func:`distance_chunks`), and no
+row is fully sorted: for each query only its positives are sorted, and the valid negatives ranked before each positive
+are counted with a binary search (:func:`evaluate_distances`). The numbers are those of the straightforward definition
+below, exactly (integer ranks; only the final averaging is floating point).
 
-Definitions (Market protocol, spec §E.1/§E.2)
----------------------------------------------
+Definitions (Market protocol: open-reid ``mean_ap``/``cmc``, TransReID ``eval_func``)
+-------------------------------------------------------------------------------------
 For a query with pid ``p`` and camid ``c``:
 
 * **ranking**: the gallery sorted by distance with a *stable* sort, i.e. ties are broken by gallery index
@@ -17,12 +19,14 @@ For a query with pid ``p`` and camid ``c``:
   their order is unspecified; on untied distances the two coincide.
 * **junk** (removed from the ranked list): gallery entries with the same pid AND the same camid as the query.
   Everything else stays, including distractors (pid 0) as negatives. Pids are only compared for equality;
-  Market junk images (pid −1) are expected to have been dropped by the loader (spec §E.1).
+  Market junk images (pid −1) are expected to have been dropped by the loader (open-reid
+  ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``).
 * **positives**: the remaining entries with pid ``p``. A query without any positive is skipped and only
   counted (``num_query − num_valid_query``).
 * **AP** (non-interpolated, TransReID ``eval_func`` style): the mean over the positives of the precision at
   the rank of each positive, ``mean_j (j+1)/(r_j+1)`` with ``r_j`` the 0-based rank of the ``j``-th positive
-  in the junk-free list. Without ties this equals the open-reid/scikit-learn AP of spec §E.1.
+  in the junk-free list. Without ties this equals the open-reid/scikit-learn AP of open-reid
+  ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``.
 * **CMC** (``first_match_break``): ``cmc[k]`` = fraction of valid queries whose first positive is at 0-based
   rank ≤ ``k``; ``rank1``/``rank5``/``rank10``/``rank20`` are ``cmc[0]``/``cmc[4]``/``cmc[9]``/``cmc[19]``.
 * **mINP** (Ye et al. 2021, TransReID ``eval_func``): mean over valid queries of
@@ -98,7 +102,8 @@ def _as_features(x, name: str) -> np.ndarray:
 
 def distance_chunks(qf, gf, metric: str = "euclidean",
                     chunk_size: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
-    """Query-vs-gallery distances, one block of query rows at a time (spec §E.1, §E.2, §B.1).
+    """Query-vs-gallery distances, one block of query rows at a time (the distances of TransReID
+    ``utils/metrics.py`` ``euclidean_distance`` / ``R1_mAP_eval``).
 
     Args:
         qf: query features, float32 (Q, D) (numpy array or CPU tensor; other real dtypes are cast to float32).
@@ -273,7 +278,7 @@ class _GalleryIndex:
 def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_camids, g_pids, g_camids, *,
                        max_rank: int = 50, protocol: str = "market", sgs_repeats: int = 10,
                        seed: int = 0) -> Dict[str, object]:
-    """mAP, CMC and mINP from a stream of query-row distance blocks (reference-spec §E; module docstring).
+    """mAP, CMC and mINP from a stream of query-row distance blocks (see the module docstring).
 
     Args:
         dist_chunks: iterable of ``(q_start, dist)``, ``dist`` (c, G) float32 (other dtypes are cast to
@@ -401,15 +406,17 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
                       rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                       chunk_size: Optional[int] = None, protocol: str = "market", max_rank: int = 50,
                       sgs_repeats: int = 10, seed: int = 0) -> Dict[str, object]:
-    """Evaluate query features against gallery features (reference-spec §E; §B.1 "Retrieval feature").
+    """Evaluate query features against gallery features (open-reid ``evaluation_metrics/ranking.py``,
+    TransReID ``utils/metrics.py`` ``R1_mAP_eval``).
 
     Args:
         qf: float32 (Q, D) query features; gf: float32 (G, D) gallery features. The caller L2-normalises them
-            when the recipe says so (spec §B.1, §C.6); this function does not.
+            when the recipe says so (TransReID ``FEAT_NORM``, PPLR ``pplr/evaluators.py``); this function does not.
         q_pids, q_camids, g_pids, g_camids: int label arrays, (Q,) and (G,).
         metric: ``'euclidean'`` (squared, the peers' convention) or ``'cosine'``; see :func:`distance_chunks`.
-        rerank: use k-reciprocal re-ranking (Zhong et al. 2017; k1, k2, lambda_value as in spec §E.2:
-            20, 6, 0.3) via ``partreid.common.retrieval.reranking.reranked_distance_chunks`` instead of the plain distance.
+        rerank: use k-reciprocal re-ranking (Zhong et al. 2017; k1, k2, lambda_value as in TransReID
+            ``utils/metrics.py`` ``R1_mAP_eval``: 20, 6, 0.3) via
+            ``partreid.common.retrieval.reranking.reranked_distance_chunks`` instead of the plain distance.
         chunk_size: query rows per distance block (memory bound); default :func:`default_chunk_size`.
         protocol, max_rank, sgs_repeats, seed: see :func:`evaluate_distances`.
 
@@ -503,7 +510,8 @@ def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_p
             :func:`distance_chunks`); the number of queries is the sum of the block heights.
         k: entries per query (≥ 1).
         q_pids, q_camids, g_pids, g_camids: optional int labels. When all four are given, junk entries
-            (same pid AND same camid as the query; Market protocol, spec §E.1) are left out of the list.
+            (same pid AND same camid as the query; Market protocol, open-reid ``evaluation_metrics/ranking.py``
+            ``mean_ap``/``cmc``) are left out of the list.
 
     Returns:
         ``(idx, dist)``: int64 (Q, k) gallery indices and float32 (Q, k) distances, ordered by the stable

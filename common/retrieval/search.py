@@ -1,8 +1,8 @@
 """Nearest-neighbour search with faiss (exact or approximate, CPU or GPU), in bounded memory.
 
-Every stage that needs neighbour lists (the k-reciprocal Jaccard distance of ``cluster``, PPLR's
-cross-agreement, re-ranking) goes through :func:`knn_search`, so the faiss version drift that breaks the
-peers' clustering code (reference-spec §G: ``bruteForceKnn``, ``cast_integer_to_*_ptr``) is handled in one
+Every stage that needs neighbour lists (the k-reciprocal Jaccard distance of ``cluster``, PPLR's cross-agreement,
+re-ranking) goes through :func:`knn_search`, so the faiss version drift that breaks the peers' clustering code (their
+``faiss_utils.py`` calls ``bruteForceKnn`` and ``cast_integer_to_*_ptr``, gone from recent faiss) is handled in one
 place. Only the stable public faiss API is used: ``IndexFlatIP`` / ``IndexFlatL2``, ``IndexHNSWFlat``,
 ``IndexIVFFlat`` and, when the installed faiss is a GPU build and a GPU is visible, ``index_cpu_to_gpu``.
 
