@@ -6,6 +6,7 @@ import click
 
 from partreid.cli._common import common_options, emit_output, guarded, read_input_path, resolve_device, seed_everything
 from partreid.cli.extract_features import parse_size
+from partreid.common.models.archs import ARCHS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -32,7 +33,7 @@ Examples:
               help="With --checkpoint: global feature of a ViT.")
 @click.option("--neck", type=click.Choice(["after", "before"]), default="after", show_default=True)
 @click.option("--flip/--no-flip", default=False, show_default=True)
-@click.option("--arch", default=None)
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None, help="With --checkpoint: force the architecture.")
 @click.option("--image-size", default=None, help="HxW pixels.")
 @click.option("--batch-size", "-b", type=int, default=64, show_default=True)
 @click.option("--workers", "-j", type=int, default=2, show_default=True)

@@ -4,6 +4,7 @@ import click
 
 from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
 from partreid.cli.extract_features import parse_size
+from partreid.common.models.archs import ARCHS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -24,7 +25,8 @@ Examples:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--preset", type=click.Choice(["pplr", "pplr-cam", "pplr-sgd", "pass-usl"]), default="pplr",
               show_default=True, help="Hyper-parameter preset; options below override it.")
-@click.option("--arch", default=None, help="vit_tiny/vit_small/vit_base (detected from the checkpoint) or resnet50.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
+              help="Backbone; a ViT size is detected from the checkpoint.")
 @click.option("--fusion", type=click.Choice(["cat", "mean"]), default=None, help="Global = CLS fused with mean PART "
                                                                                "[default: cat].")
 @click.option("--image-size", default=None, help="HxW pixels [default: the backbone's: 256x128 ViT, 384x128 ResNet].")

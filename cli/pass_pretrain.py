@@ -4,6 +4,7 @@ import click
 
 from partreid.cli._common import common_options, emit_output, guarded, read_input_path
 from partreid.cli.extract_features import parse_size
+from partreid.common.models.archs import VIT_ARCHS
 
 
 class _TrainOrExport(click.Group):
@@ -29,7 +30,7 @@ Examples:
 @click.option("--data", "-d", "spec", default=None, help="Unlabelled images: a dataset spec or a NAME under "
                                                        "$REID_DATA (labels are ignored).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--arch", type=click.Choice(["vit_tiny", "vit_small", "vit_base"]), default="vit_small",
+@click.option("--arch", type=click.Choice(list(VIT_ARCHS)), default="vit_small",
               show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", "-b", type=int, default=128, show_default=True, help="Images per GPU/process.")

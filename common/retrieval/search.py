@@ -34,13 +34,12 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _faiss():
-    """The faiss module (kept as a function for the callers that take it from here)."""
+    """The faiss module (for ``common/retrieval/kreciprocal.py``, which takes it from here)."""
     return faiss
 
 
 def faiss_gpu_available() -> bool:
     """True when the installed faiss is a GPU build and sees at least one GPU."""
-    faiss = _faiss()
     get = getattr(faiss, "get_num_gpus", None)
     return bool(get is not None and get() > 0 and hasattr(faiss, "StandardGpuResources")
                 and hasattr(faiss, "index_cpu_to_gpu"))
@@ -81,16 +80,15 @@ def _as_float32_matrix(a, name: str) -> np.ndarray:
     return a
 
 
-def _metric_type(faiss, metric: str):
+def _metric_type(metric: str):
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
 def _build_index(x: np.ndarray, metric: str, method: str, device: str, *, hnsw_m: int,
                  ef_construction: int, ef_search: int, nlist: Optional[int], nprobe: Optional[int],
                  seed: int, k: int):
-    faiss = _faiss()
     d = x.shape[1]
-    mt = _metric_type(faiss, metric)
+    mt = _metric_type(metric)
     if method == "exact":
         index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
         index.add(x)
