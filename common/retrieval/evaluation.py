@@ -76,9 +76,9 @@ CHUNK_BYTES = 64 * 1024 * 1024
 
 def default_chunk_size(num_gallery: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Query rows per chunk so that one float32 (rows × ``num_gallery``) block takes about ``chunk_bytes``
-    (a multiple of 64 rows, at least 64)."""
+    (a multiple of :data:`TILE_ROWS`, at least one tile)."""
     rows = int(chunk_bytes) // (4 * max(1, int(num_gallery)))
-    return max(64, rows - rows % 64)
+    return max(TILE_ROWS, rows - rows % TILE_ROWS)
 
 
 # ----------------------------------------------------------------------------------------------- distances
@@ -141,8 +141,8 @@ def _checked_distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size
 #: query rows per BLAS call. A row's distances are always computed in the same tile of ``TILE_ROWS`` rows
 #: (tiles start at multiples of ``TILE_ROWS``; the last one is zero-padded), because BLAS rounds a row
 #: differently depending on the matrix shape and the row's place in it: this keeps the values, and so the
-#: rankings of near-tied entries, independent of ``chunk_size``.
-TILE_ROWS = 64
+#: rankings of near-tied entries, independent of ``chunk_size``. 256 rows run at the speed of one large product.
+TILE_ROWS = 256
 
 
 def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
@@ -156,6 +156,7 @@ def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
         gn = np.einsum("ij,ij->i", g, g)
     gt = g.T
     nq = q.shape[0]
+    cached = (None, None)  # (tile start, tile product): a chunk boundary inside a tile computes it once
     for start in range(0, nq, chunk_size):
         stop = min(start + chunk_size, nq)
         out = np.empty((stop - start, g.shape[0]), np.float32)
@@ -165,10 +166,12 @@ def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
             if t0 >= start and t1 <= stop:
                 np.matmul(q[t0:t1], gt, out=out[t0 - start:t1 - start])
                 continue
-            tile = q[t0:min(t1, nq)]
-            if tile.shape[0] < TILE_ROWS:
-                tile = np.concatenate([tile, np.zeros((TILE_ROWS - tile.shape[0], q.shape[1]), np.float32)])
-            out[a - start:b - start] = (tile @ gt)[a - t0:b - t0]
+            if cached[0] != t0:
+                tile = q[t0:min(t1, nq)]
+                if tile.shape[0] < TILE_ROWS:
+                    tile = np.concatenate([tile, np.zeros((TILE_ROWS - tile.shape[0], q.shape[1]), np.float32)])
+                cached = (t0, tile @ gt)
+            out[a - start:b - start] = cached[1][a - t0:b - t0]
         if metric == "cosine":
             np.subtract(np.float32(1.0), out, out=out)
         else:
