@@ -80,6 +80,30 @@ def image_refs(attrs: dict, paths) -> list:
     return [str(root / p) for p in paths]
 
 
+def evaluate_arrays(qf, gf, q_pids, g_pids, q_camids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
+                    lambda_value: float = 0.3, protocol: str = "market", metric: str = "euclidean") -> dict:
+    """:func:`partreid.common.retrieval.evaluation.evaluate_rank` of query against gallery features, with
+    ``rerank`` on the k-reciprocal re-ranked distances (Zhong et al. CVPR 2017, Eq. 12; TransReID
+    ``utils/reranking.py`` ``re_ranking``), whose parameters are then recorded in the dict.
+
+    Raises:
+        InputError: see ``evaluate_rank``; re-ranking with a metric other than ``'euclidean'``.
+    """
+    if not rerank:
+        return evaluate_rank(None, q_pids, g_pids, q_camids, g_camids, qf=qf, gf=gf, metric=metric,
+                             protocol=protocol)
+    if metric != "euclidean":
+        raise InputError("re-ranking uses the squared Euclidean distance; use --metric euclidean")
+    # the re-ranking code (and its sparse-matrix dependencies) loads only for --rerank
+    from partreid.common.retrieval.reranking import reranked_distance_chunks
+
+    chunks = reranked_distance_chunks(np.ascontiguousarray(qf, np.float32), np.ascontiguousarray(gf, np.float32),
+                                      k1, k2, lambda_value, None)
+    metrics = evaluate_rank(chunks, q_pids, g_pids, q_camids, g_camids, protocol=protocol)
+    metrics.update({"rerank": True, "k1": int(k1), "k2": int(k2), "lambda": float(lambda_value)})
+    return metrics
+
+
 def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                    protocol: str = "market", metric: str = "euclidean", show_ranks: int = 0,
                    out_dir=None) -> dict:
@@ -98,9 +122,8 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
         raise InputError(f"{query} has D={q.global_feats.shape[1]} but {gallery} has D={g.global_feats.shape[1]}")
     if q.attrs.get("model_sha256") != g.attrs.get("model_sha256"):
         log.warning("query and gallery features come from different models (model_sha256 differs)")
-    metrics = evaluate_rank(None, q.pid, g.pid, q.camid, g.camid, qf=q.global_feats, gf=g.global_feats,
-                            metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
-                            protocol=protocol)
+    metrics = evaluate_arrays(q.global_feats, g.global_feats, q.pid, g.pid, q.camid, g.camid, rerank=rerank, k1=k1,
+                              k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric)
     if show_ranks:
         metrics["ranked_lists"] = [str(p) for p in save_rank_pictures(q, g, show_ranks, out_dir, metric=metric)]
     return metrics

@@ -6,14 +6,15 @@ dataset without a ``train`` split is handled the same way everywhere.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from partreid.common.errors import InputError
 
+if TYPE_CHECKING:  # the frames come from the dataset; this module needs no pandas of its own
+    import pandas as pd
 
-def choose_split(ds, split: Optional[str] = None, *, unlabelled: bool = False) -> Tuple[str, pd.DataFrame]:
+
+def choose_split(ds, split: Optional[str] = None, *, unlabelled: bool = False) -> Tuple[str, "pd.DataFrame"]:
     """The rows of ``split`` in dataset ``ds``.
 
     Args:

@@ -188,7 +188,11 @@ def test_evaluate_features_matches_reference_on_dense_float64_distances():
     assert 0.2 < got["mAP"] < 1.0
 
 
-def test_evaluate_features_rerank_uses_reranking_module(monkeypatch):
+def test_evaluate_rerank_uses_reranking_module(monkeypatch):
+    # evaluate --rerank: the re-ranked blocks, not the plain distances, are what gets ranked
+    from partreid.cli import _stages
+    from partreid.common.retrieval import reranking
+
     rng = np.random.default_rng(1)
     qf, gf = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
     qp, qc, gp, gc = np.arange(6) % 3, np.zeros(6), np.arange(10) % 3, np.ones(10)
@@ -196,13 +200,16 @@ def test_evaluate_features_rerank_uses_reranking_module(monkeypatch):
     calls = []
 
     def fake(q, g, k1, k2, lambda_value, chunk_size):
-        calls.append((q.shape, g.shape, k1, k2, lambda_value, chunk_size))
+        calls.append((q.shape, g.shape, k1, k2, lambda_value))
         return iter([(0, fixed[:4]), (4, fixed[4:])])
 
-    monkeypatch.setattr(evaluation, "reranked_distance_chunks", fake)
-    got = evaluate_features(qf, gf, qp, qc, gp, gc, rerank=True, k1=7, k2=3, lambda_value=0.5, chunk_size=4)
-    assert calls == [((6, 4), (10, 4), 7, 3, 0.5, 4)]
+    monkeypatch.setattr(reranking, "reranked_distance_chunks", fake)
+    got = _stages.evaluate_arrays(qf, gf, qp, gp, qc, gc, rerank=True, k1=7, k2=3, lambda_value=0.5)
+    assert calls == [((6, 4), (10, 4), 7, 3, 0.5)]
     assert_same(got, reference_metrics(fixed, qp, qc, gp, gc))
+    assert (got["rerank"], got["k1"], got["k2"], got["lambda"]) == (True, 7, 3, 0.5)
+    with pytest.raises(InputError, match="euclidean"):
+        _stages.evaluate_arrays(qf, gf, qp, gp, qc, gc, rerank=True, metric="cosine")
 
 
 def test_evaluate_features_label_count_mismatch():

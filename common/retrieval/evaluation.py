@@ -58,7 +58,6 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
-from partreid.common.retrieval.reranking import reranked_distance_chunks
 from partreid.common.retrieval.search import l2_normalize_rows
 
 __all__ = [
@@ -406,7 +405,6 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
 
 
 def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str = "euclidean",
-                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                       chunk_size: Optional[int] = None, protocol: str = "market", max_rank: int = 50,
                       sgs_repeats: int = 10, seed: int = 0) -> Dict[str, object]:
     """Evaluate query features against gallery features (open-reid ``evaluation_metrics/ranking.py``,
@@ -417,11 +415,11 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
             when the recipe says so (TransReID ``FEAT_NORM``, PPLR ``pplr/evaluators.py``); this function does not.
         q_pids, q_camids, g_pids, g_camids: int label arrays, (Q,) and (G,).
         metric: ``'euclidean'`` (squared, the peers' convention) or ``'cosine'``; see :func:`distance_chunks`.
-        rerank: use k-reciprocal re-ranking (Zhong et al. 2017; k1, k2, lambda_value as in TransReID
-            ``utils/metrics.py`` ``R1_mAP_eval``: 20, 6, 0.3) via
-            ``partreid.common.retrieval.reranking.reranked_distance_chunks`` instead of the plain distance.
         chunk_size: query rows per distance block (memory bound); default :func:`default_chunk_size`.
         protocol, max_rank, sgs_repeats, seed: see :func:`evaluate_distances`.
+
+    Re-ranking: pass the blocks of ``partreid.common.retrieval.reranking.reranked_distance_chunks`` to
+    :func:`evaluate_distances` (or to :func:`evaluate_rank` as ``distmat``); this module does not depend on it.
 
     Returns:
         The dict of :func:`evaluate_distances`.
@@ -437,19 +435,12 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
         raise InputError(f"{q.shape[0]} query features but {len(qp)} query labels")
     if len(gp) != g.shape[0]:
         raise InputError(f"{g.shape[0]} gallery features but {len(gp)} gallery labels")
-    if rerank:
-        if metric != "euclidean":
-            raise InputError("re-ranking uses the squared Euclidean distance; use metric='euclidean'")
-        chunks = reranked_distance_chunks(q, g, k1, k2, lambda_value, chunk_size)
-    else:
-        chunks = _checked_distance_iter(q, g, metric, chunk_size)
-    return evaluate_distances(chunks, qp, qc, gp, gc, max_rank=max_rank, protocol=protocol,
-                              sgs_repeats=sgs_repeats, seed=seed)
+    return evaluate_distances(_checked_distance_iter(q, g, metric, chunk_size), qp, qc, gp, gc, max_rank=max_rank,
+                              protocol=protocol, sgs_repeats=sgs_repeats, seed=seed)
 
 
 def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camids=None, *, qf=None, gf=None,
-                  metric: str = "euclidean", rerank: bool = False, k1: int = 20, k2: int = 6,
-                  lambda_value: float = 0.3, protocol: str = "market", max_rank: int = 50,
+                  metric: str = "euclidean", protocol: str = "market", max_rank: int = 50,
                   chunk_size: Optional[int] = None) -> Dict[str, object]:
     """mAP, CMC and mINP of a retrieval on arrays: a distance matrix, or query and gallery features.
 
@@ -459,14 +450,14 @@ def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camid
     module docstring; ``evaluate --query --gallery`` and every ``finetune`` evaluation call this function.
 
     Args:
-        distmat: float (Q, G) distances, smaller = closer; or None and give ``qf`` and ``gf``.
+        distmat: float (Q, G) distances, smaller = closer, or an iterable of ``(q_start, (c, G) block)`` covering
+            the queries in order (e.g. ``partreid.common.retrieval.reranking.reranked_distance_chunks`` for
+            k-reciprocal re-ranking); or None and give ``qf`` and ``gf``.
         q_pids, g_pids: int (Q,) and (G,) person ids (gallery pid 0 = distractor, a negative).
         q_camids, g_camids: int (Q,) and (G,) camera ids.
         qf, gf: float32 (Q, D) and (G, D) features, used when ``distmat`` is None; compared with ``metric``
             (``'euclidean'``: squared Euclidean, ``'cosine'``) one block of queries at a time, so a Q×G matrix
             is never held. Normalise them first when the recipe says so (``extract-features`` does).
-        rerank: k-reciprocal re-ranking of the feature distances (Zhong et al. CVPR 2017, Eq. 12;
-            ``re_ranking`` in TransReID ``utils/reranking.py``) with ``k1``, ``k2``, ``lambda_value``.
         protocol: ``'market'`` or ``'cuhk03'`` (single-gallery-shot CMC).
         max_rank: length of the CMC curve. chunk_size: query rows per distance block.
 
@@ -474,33 +465,33 @@ def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camid
         dict: ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``rank20``, ``mINP`` (floats, fractions in [0, 1]),
         ``cmc`` (list of ``max_rank`` floats: ``cmc[k]`` = fraction of valid queries with a positive within the
         top k+1), ``num_query``, ``num_valid_query`` (queries with a positive in another camera),
-        ``num_gallery`` (ints); with ``rerank`` also ``rerank``, ``k1``, ``k2``, ``lambda``. JSON-serialisable.
+        ``num_gallery`` (ints). JSON-serialisable.
 
     Raises:
         InputError: neither or both of ``distmat`` and features, shapes or lengths that disagree, NaN values,
-            re-ranking without features, or no query with a positive in the gallery.
+            or no query with a positive in the gallery.
     """
     if (distmat is None) == (qf is None or gf is None):
         raise InputError("give either distmat, or both qf and gf")
     if any(x is None for x in (q_pids, g_pids, q_camids, g_camids)):
         raise InputError("q_pids, g_pids, q_camids and g_camids are all required")
     if distmat is not None:
-        if rerank:
-            raise InputError("re-ranking needs the features: pass qf and gf instead of distmat")
-        d = np.asarray(distmat.detach().cpu().numpy() if hasattr(distmat, "detach") else distmat)
-        if d.ndim != 2:
-            raise InputError(f"distmat must be 2-D (Q, G), got shape {d.shape}")
-        metrics = evaluate_distances([(0, d)], q_pids, q_camids, g_pids, g_camids, max_rank=max_rank,
+        if hasattr(distmat, "detach"):
+            distmat = distmat.detach().cpu().numpy()
+        if isinstance(distmat, np.ndarray) or isinstance(distmat, (list, tuple)) and distmat \
+                and not isinstance(distmat[0], tuple):
+            d = np.asarray(distmat)
+            if d.ndim != 2:
+                raise InputError(f"distmat must be 2-D (Q, G), got shape {d.shape}")
+            distmat = [(0, d)]
+        metrics = evaluate_distances(distmat, q_pids, q_camids, g_pids, g_camids, max_rank=max_rank,
                                      protocol=protocol)
     else:
-        metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric, rerank=rerank,
-                                    k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=chunk_size,
-                                    protocol=protocol, max_rank=max_rank)
+        metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric,
+                                    chunk_size=chunk_size, protocol=protocol, max_rank=max_rank)
     out: Dict[str, object] = {k: float(metrics[k]) for k in ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")}
     out["cmc"] = [float(v) for v in metrics["cmc"]]
     out.update({k: int(metrics[k]) for k in ("num_query", "num_valid_query", "num_gallery")})
-    if rerank:
-        out.update({"rerank": True, "k1": int(k1), "k2": int(k2), "lambda": float(lambda_value)})
     return out
 
 
