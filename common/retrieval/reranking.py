@@ -32,8 +32,9 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
-from partreid.common.retrieval.kreciprocal import (InvertedIndex, encode, expanded_sets, local_query_expansion, lookup_pairs,
-                                min_sum_block, neighbour_counts, pair_dots, _check_knn, _row_ids)
+from partreid.common.retrieval.kreciprocal import (InvertedIndex, check_knn, encode, expanded_sets,
+                                                   local_query_expansion, min_sum_block, neighbour_counts,
+                                                   pattern_dots, row_ids)
 from partreid.common.retrieval.search import knn_search
 
 #: default cap on the float32 entries of one streamed (chunk, G) block
@@ -111,28 +112,23 @@ def reranked_distance_chunks(qf, gf, k1: int = 20, k2: int = 6, lambda_value: fl
     search = {"device": device}
 
     # step 1-2: rank table (squared L2, ascending, self first) and the per-row normaliser
-    dist_tab, knn = knn_search(x, width, metric="l2", method="exact", **search)
-    knn = _check_knn(knn, n, width)
+    _, knn = knn_search(x, width, metric="l2", method="exact", **search)
+    knn = check_knn(knn, n, width)
     row_max = _row_max_sqdist(x, sq)
     row_max[row_max <= 0] = 1.0  # all points identical: d is 0 everywhere, any positive normaliser works
 
     # step 3: expanded sets and weights exp(-d̂) normalised per row
     e = expanded_sets(knn, n_forward, n_half)
-    rows = _row_ids(e.indptr)
-    cols = e.indices.astype(np.int64)
-    d_pairs, found = lookup_pairs(rows, cols, knn, dist_tab)
-    miss = np.flatnonzero(~found)
-    if miss.size:
-        dots = pair_dots(x, rows[miss], cols[miss])
-        d_pairs[miss] = np.maximum(sq[rows[miss]] + sq[cols[miss]] - np.float32(2) * dots, np.float32(0))
+    rows = row_ids(e.indptr)
+    d_pairs = np.maximum(sq[rows] + sq[e.indices] - np.float32(2) * pattern_dots(x, e), np.float32(0))
     v = encode(e, -(d_pairs / row_max[rows]).astype(np.float32))
-    del rows, cols, d_pairs, found, dist_tab, e
+    del rows, d_pairs, e
     # step 4
     vqe = local_query_expansion(v, knn, k2)
     del v, knn
     # step 5, streamed over query chunks
     inv = InvertedIndex(vqe)
-    slot_start = inv.first_slot_at_or_after_row(nq)
+    start = inv.first_slots(nq)
     if chunk_size is None:
         chunk_size = max(1, _BLOCK_ENTRIES // max(ng, 1))
     chunk_size = max(1, int(chunk_size))
@@ -140,7 +136,7 @@ def reranked_distance_chunks(qf, gf, k1: int = 20, k2: int = 6, lambda_value: fl
     gsq = sq[nq:]
     for q0 in range(0, nq, chunk_size):
         q1 = min(q0 + chunk_size, nq)
-        m = min_sum_block(inv, q0, q1, nq, n, slot_start=slot_start)
+        m = min_sum_block(inv, q0, q1, nq, start)
         jac = np.float32(1) - m / (np.float32(2) - m)
         d = sq[q0:q1, None] + gsq[None, :] - np.float32(2) * (qf[q0:q1] @ gf.T)
         np.maximum(d, np.float32(0), out=d)
