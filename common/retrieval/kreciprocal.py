@@ -268,31 +268,26 @@ def local_query_expansion(v: sp.csr_matrix, knn: np.ndarray, k2: int) -> sp.csr_
 # compiled loops: the weights' inner products, and the one Jaccard min-sum kernel
 
 
-@numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _table_or_dot(x, knn, table, i, j):
+    """x_i·x_j from the kNN table (row i, else row j), else computed (the sum in any order: vectorised)."""
+    for c in range(knn.shape[1]):
+        if knn[i, c] == j:
+            return table[i, c]
+    for c in range(knn.shape[1]):
+        if knn[j, c] == i:
+            return table[j, c]
+    dot = np.float32(0)
+    for t in range(x.shape[1]):
+        dot += x[i, t] * x[j, t]
+    return dot
+
+
+@numba.njit(parallel=True, cache=True)
 def _pattern_dots_kernel(x, indptr, indices, knn, table, out):
     for i in numba.prange(indptr.size - 1):
         for e in range(indptr[i], indptr[i + 1]):
-            j = indices[e]
-            c = _find(knn[i], j)
-            if c >= 0:
-                out[e] = table[i, c]
-                continue
-            c = _find(knn[j], i)
-            if c >= 0:
-                out[e] = table[j, c]
-                continue
-            dot = np.float32(0)
-            for t in range(x.shape[1]):
-                dot += x[i, t] * x[j, t]
-            out[e] = dot
-
-
-@numba.njit(cache=True, nogil=True)
-def _find(row, value):
-    for c in range(row.size):
-        if row[c] == value:
-            return c
-    return -1
+            out[e] = _table_or_dot(x, knn, table, i, indices[e])
 
 
 def pattern_dots(x: np.ndarray, pattern: sp.csr_matrix, knn: Optional[np.ndarray] = None,
@@ -315,7 +310,7 @@ def pattern_dots(x: np.ndarray, pattern: sp.csr_matrix, knn: Optional[np.ndarray
         knn, similarities = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     out = np.empty(pattern.nnz, np.float32)
     _pattern_dots_kernel(np.ascontiguousarray(x, np.float32), pattern.indptr.astype(np.int64),
-                         pattern.indices.astype(np.int32), np.ascontiguousarray(knn, np.int64),
+                         pattern.indices.astype(np.int64), np.ascontiguousarray(knn, np.int64),
                          np.ascontiguousarray(similarities, np.float32), out)
     return out
 
@@ -363,7 +358,7 @@ def min_sum_row(i, indptr, indices, data, start, colptr, rows, values, j0, acc, 
     Args:
         i: row; indptr, indices, data, colptr, rows, values: :class:`InvertedIndex` arrays; start: int64
             (nnz,) first slot per CSR entry; j0: offset of acc; acc: float32 accumulator (zero where not
-            touched); touched: int64 scratch, as long as acc.
+            touched); touched: int64 scratch, one longer than acc.
 
     Returns:
         the number of new targets written to ``touched``.
@@ -373,10 +368,10 @@ def min_sum_row(i, indptr, indices, data, start, colptr, rows, values, j0, acc, 
         v = data[e]
         for s in range(start[e], colptr[indices[e] + 1]):
             j = rows[s] - j0
-            if acc[j] == 0:
-                touched[n_new] = j
-                n_new += 1
-            acc[j] += min(v, values[s])
+            a = acc[j]
+            touched[n_new] = j  # kept only when j is new (no branch: the loop stays fast)
+            n_new += a == 0
+            acc[j] = a + min(v, values[s])
     return n_new
 
 
@@ -389,7 +384,7 @@ def _radius_pairs_kernel(indptr, indices, data, start, colptr, rows, values, max
     counts = np.zeros(n, np.int64)
     for b in numba.prange(n_blocks):  # rows b, b + n_blocks, ...: blocks of equal work although j > i
         acc = np.zeros(n, np.float32)
-        touched = np.empty(n, np.int64)
+        touched = np.empty(n + 1, np.int64)
         for i in range(b, n, n_blocks):
             n_new = min_sum_row(i, indptr, indices, data, start, colptr, rows, values, 0, acc, touched)
             kept = 0
@@ -410,7 +405,7 @@ def _radius_pairs_kernel(indptr, indices, data, start, colptr, rows, values, max
 @numba.njit(parallel=True, cache=True)
 def _min_sum_block_kernel(r0, indptr, indices, data, start, colptr, rows, values, j0, out):
     for r in numba.prange(out.shape[0]):
-        touched = np.empty(out.shape[1], np.int64)
+        touched = np.empty(out.shape[1] + 1, np.int64)
         min_sum_row(r0 + r, indptr, indices, data, start, colptr, rows, values, j0, out[r], touched)
 
 
