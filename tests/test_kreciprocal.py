@@ -264,6 +264,24 @@ def test_radius_graph_equals_numpy_min_sums(max_distance):
     assert off_diagonal.sum() > 50 and (~want).sum() > len(d)  # pairs off the diagonal are found, not all
 
 
+def test_stored_zeros_of_v_are_not_shared_support():
+    v = random_encoding(n=200, m=200, seed=3)
+    graph = jaccard_radius_graph(v, 1.0)
+    # the same values with explicit zeros stored in every row (e.g. an underflowed softmax weight)
+    dense = v.toarray()
+    zeros = (dense == 0) & (np.random.default_rng(4).random(dense.shape) < 0.1)
+    coo = v.tocoo()
+    rows = np.concatenate([coo.row, np.nonzero(zeros)[0]])
+    cols = np.concatenate([coo.col, np.nonzero(zeros)[1]])
+    vals = np.concatenate([coo.data, np.zeros(int(zeros.sum()), np.float32)])
+    with_zeros = sp.csr_matrix((vals, (rows, cols)), shape=v.shape)
+    assert with_zeros.nnz == v.nnz + zeros.sum()
+    other = jaccard_radius_graph(with_zeros, 1.0)
+    assert other.nnz == graph.nnz
+    np.testing.assert_array_equal(other.indices, graph.indices)
+    np.testing.assert_array_equal(other.data, graph.data)
+
+
 def test_min_sum_block_equals_numpy_min_sums():
     v = random_encoding(n=250, m=250, seed=8)  # square, like V_qe (N, N)
     m = numpy_min_sums(v.toarray())

@@ -316,8 +316,8 @@ def pattern_dots(x: np.ndarray, pattern: sp.csr_matrix, knn: Optional[np.ndarray
 
 
 class InvertedIndex:
-    """Inverted index of a CSR matrix V (N, M) with sorted indices: for each column k, the rows r with
-    V[r, k] ≠ 0 in ascending order and their values (upstream's ``invIndex``, built by scipy in O(nnz)).
+    """Inverted index of a sparse matrix V (N, M) with non-negative values: for each column k, the rows r
+    with V[r, k] ≠ 0 in ascending order and their values (upstream's ``invIndex``, built by scipy in O(nnz)).
 
     Attributes:
         indptr int64 (N+1,), indices int32 (nnz,), data float32 (nnz,): V itself.
@@ -326,7 +326,8 @@ class InvertedIndex:
     """
 
     def __init__(self, v: sp.csr_matrix):
-        v = v.tocsr()
+        v = sp.csr_matrix(v, dtype=np.float32, copy=True)
+        v.eliminate_zeros()  # upstream indexes V != 0; the kernel needs every stored value > 0
         v.sort_indices()
         ids = sp.csr_matrix((np.arange(v.nnz, dtype=np.int64), v.indices, v.indptr), shape=v.shape).tocsc()
         self.shape = v.shape
