@@ -1,4 +1,6 @@
-"""Sparse k-reciprocal Jaccard (partreid.common.retrieval.kreciprocal) against a plain dense implementation of reference-spec §D.1."""
+"""Sparse k-reciprocal Jaccard (partreid.common.retrieval.kreciprocal) against a plain dense implementation of
+cluster-contrast's ``compute_jaccard_distance`` (``clustercontrast/utils/faiss_rerank.py``), and its compiled
+kernels against straightforward numpy."""
 
 import tracemalloc
 
@@ -10,13 +12,13 @@ from sklearn.cluster import DBSCAN
 from partreid.common.errors import InputError
 from partreid.common.retrieval.kreciprocal import (InvertedIndex, encode, expanded_sets, jaccard_radius_graph,
                                                    knn_columns_needed, kreciprocal_jaccard, local_query_expansion,
-                                                   min_sum_block, neighbour_counts, pattern_dots, reciprocal_neighbours,
-                                                   reciprocal_pair, row_ids)
+                                                   min_sum_block, neighbour_counts, numba_cache_dir, pattern_dots,
+                                                   reciprocal_neighbours, reciprocal_pair, row_ids)
 from partreid.pplr_finetune.pseudo_labels import dbscan_labels
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The dense reference: §D.1 written the way the original code does it (Python loops, three N×N arrays).
+# The dense reference: compute_jaccard_distance written the way upstream does it (Python loops, three N×N arrays).
 # `rank` is the rank table the original sees: k1 columns for the 'reference' convention (its `[:k1+1]` slice
 # then yields k1 entries), the full argsort for the textbook convention.
 def dense_jaccard(x, rank, k1, k2):
@@ -310,3 +312,13 @@ def test_pattern_dots_read_the_table_or_compute():
                                                     np.where(rows == (cols + 1) % 60, 200.0, want)))
     np.testing.assert_allclose(got, expect, atol=1e-4, rtol=1e-5)
     assert (cols == (rows + 1) % 60).any() and (rows == (cols + 1) % 60).any()
+
+
+def test_numba_cache_dir_only_for_a_read_only_package(tmp_path):
+    read_only = str(tmp_path / "not-writable")  # missing: cannot be written, even by root
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert numba_cache_dir(env, read_only, False) == str(tmp_path / "xdg" / "partreid" / "numba")
+    assert numba_cache_dir({}, read_only, False).endswith("/.cache/partreid/numba")
+    assert numba_cache_dir(env, str(tmp_path), False) is None  # writable: numba's __pycache__ beside the module
+    assert numba_cache_dir({**env, "NUMBA_CACHE_DIR": "/mine"}, read_only, False) is None  # the user's choice
+    assert numba_cache_dir(env, read_only, True) is None  # numba already imported: too late to change it

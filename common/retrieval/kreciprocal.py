@@ -59,21 +59,22 @@ import os
 import sys
 
 
-def _default_numba_cache_dir() -> None:
-    """Point numba's cache to ``$XDG_CACHE_HOME/partreid/numba`` when this package's folder is read-only.
+def numba_cache_dir(environ, package_dir: str, numba_imported: bool) -> str | None:
+    """The ``NUMBA_CACHE_DIR`` this module sets before importing numba, or None to leave numba's choice.
 
-    Only when ``NUMBA_CACHE_DIR`` is unset and numba is not imported yet (numba reads the variable once, when
-    it is imported); otherwise numba's own choice stands.
+    ``$XDG_CACHE_HOME/partreid/numba`` (default ``~/.cache/partreid/numba``) when ``package_dir`` cannot be
+    written (numba would otherwise cache in ``__pycache__`` beside this file), unless the user set
+    ``NUMBA_CACHE_DIR`` or numba is already imported (it reads the variable once, when imported).
     """
-    if "NUMBA_CACHE_DIR" in os.environ or "numba" in sys.modules:
-        return
-    if os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
-        return  # numba writes __pycache__ beside this file
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "partreid", "numba")
+    if "NUMBA_CACHE_DIR" in environ or numba_imported or os.access(package_dir, os.W_OK):
+        return None
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "partreid", "numba")
 
 
-_default_numba_cache_dir()
+_cache_dir = numba_cache_dir(os.environ, os.path.dirname(os.path.abspath(__file__)), "numba" in sys.modules)
+if _cache_dir:
+    os.environ["NUMBA_CACHE_DIR"] = _cache_dir
 
 import time  # noqa: E402  (numba must come after the cache default above)
 from typing import Dict, Optional, Tuple  # noqa: E402

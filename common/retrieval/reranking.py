@@ -1,28 +1,32 @@
-"""k-reciprocal re-ranking for retrieval evaluation (Zhong et al., CVPR 2017; reference-spec §E.2).
+"""k-reciprocal re-ranking for retrieval evaluation (Zhong et al., "Re-ranking Person Re-identification with
+k-reciprocal Encoding", CVPR 2017, Eqs. 4-12).
 
-The peers' ``re_ranking`` (TransReID ``utils/reranking.py``, inherited by PASS's TR/) concatenates query and
-gallery, builds the full (Q+G)×(Q+G) distance matrix, and then dense V, V_qe and Jaccard matrices of the same
-size in Python loops. This module computes exactly the same final query×gallery distances from the sparse
-k-reciprocal machinery of :mod:`partreid.common.retrieval.kreciprocal`, streaming the Q×G result in query chunks; no (Q+G)×(Q+G)
-buffer is ever allocated.
+Upstream: TransReID ``utils/reranking.py`` ``re_ranking`` (inherited by PASS), evaluated with k1 = 20, k2 = 6,
+λ = 0.3. It concatenates query and gallery, builds the full (Q+G)×(Q+G) distance matrix, and then dense V,
+V_qe and Jaccard matrices of the same size in Python loops. This module computes the same final query×gallery
+distances from the sparse k-reciprocal machinery of :mod:`partreid.common.retrieval.kreciprocal`, streaming
+the Q×G result in query chunks; no (Q+G)×(Q+G) buffer is ever allocated. The min-sums are the same compiled
+kernel as clustering's (:func:`partreid.common.retrieval.kreciprocal.min_sum_row`).
 
 Steps, with all = [query; gallery] (N = Q + G rows):
 
 1. d(i, j) = ‖x_i‖² + ‖x_j‖² − 2·x_i·x_j (squared Euclidean), and d̂(i, j) = d(i, j) / max_j' d(i, j'): each
-   row divided by its maximum over query + gallery (the original divides column-wise and transposes, which is
+   row divided by its maximum over query + gallery (upstream divides column-wise and transposes, which is
    the same on a symmetric matrix);
-2. the rank table is the ascending order of each row (self first): the **textbook** convention,
-   k1 + 1 forward entries including self, round(k1/2) + 1 for the half sets (:mod:`partreid.common.retrieval.kreciprocal`);
-3. expanded k-reciprocal sets E(i) as in §D.1 step 3; V[i, j] = exp(−d̂(i, j)) / Σ_{j'∈E(i)} exp(−d̂(i, j'));
-4. V_qe[i] = mean of V over the rows of the k2 nearest neighbours of i (self included);
-5. for query i and gallery j: m = Σ_k min(V_qe[i,k], V_qe[j,k]) over all N columns, jaccard = 1 − m/(2 − m),
-   final = (1 − λ)·jaccard + λ·d̂(i, j). Not clipped, as in the original.
+2. the rank table is the ascending order of each row (self first): the **textbook** convention, k1 + 1
+   forward entries including self, round(k1/2) + 1 for the half sets
+   (:func:`partreid.common.retrieval.kreciprocal.neighbour_counts`);
+3. expanded k-reciprocal sets E(i) (Eqs. 4-5); V[i, j] = exp(−d̂(i, j)) / Σ_{j'∈E(i)} exp(−d̂(i, j')) (Eq. 8,
+   normalised per row as upstream does);
+4. V_qe[i] = mean of V over the rows of the k2 nearest neighbours of i, self included (Eq. 11);
+5. for query i and gallery j: m = Σ_k min(V_qe[i,k], V_qe[j,k]) over all N columns, jaccard = 1 − m/(2 − m)
+   (Eq. 10), final = (1 − λ)·jaccard + λ·d̂(i, j) (Eq. 12). Not clipped, as upstream.
 
-Differences from the original, on purpose: V and the Jaccard distance are float32 (the original stores V,
-V_qe and the Jaccard matrix in float16), so values differ from it by float16 rounding (~1e-3) and agree with a
-float32 dense implementation to ~1e-6. The neighbour search is faiss's exact L2 search; ties between exactly
-equal distances are ordered deterministically (:mod:`partreid.common.retrieval.search`) where the original's ``np.argsort``
-leaves them unspecified.
+Differences from upstream, on purpose: V and the Jaccard distance are float32 (upstream stores V, V_qe and
+the Jaccard matrix in float16), so values differ from it by float16 rounding (~1e-3) and agree with a float32
+dense implementation to ~1e-6. The neighbour search is faiss's exact L2 search; ties between exactly equal
+distances are ordered deterministically (:mod:`partreid.common.retrieval.search`) where upstream's
+``np.argsort`` leaves them unspecified.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def _row_max_sqdist(x: np.ndarray, sq: np.ndarray, chunk: int = 8192) -> np.ndar
 def reranked_distance_chunks(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                              chunk_size: Optional[int] = None, *, device: str = "auto",
                              ) -> Iterator[Tuple[int, np.ndarray]]:
-    """Stream the k-reciprocal re-ranked query×gallery distance in query chunks (Zhong et al. 2017).
+    """Stream the k-reciprocal re-ranked query×gallery distance in query chunks (Zhong et al. 2017 Eq. 12;
+    TransReID ``utils/reranking.py`` ``re_ranking``).
 
     Args:
         qf: float32 (Q, D) query features; gf: float32 (G, D) gallery features (usually L2-normalised; the
