@@ -110,8 +110,7 @@ def dbscan_labels(graph, eps: float, min_samples: int) -> np.ndarray:
 
 def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_samples: int = 4,
                   convention: str = "reference", knn: str = "exact", *, max_distance: Optional[float] = None,
-                  device: str = "auto", search_options: Optional[dict] = None,
-                  n_jobs: Optional[int] = None) -> ClusterResult:
+                  device: str = "auto", search_options: Optional[dict] = None) -> ClusterResult:
     """Cluster features into pseudo-labels: kNN → sparse k-reciprocal Jaccard → DBSCAN (PPLR
     ``examples/train_pplr.py`` ``compute_pseudo_labels``, ``pplr/utils/faiss_rerank.py``
     ``compute_jaccard_distance``).
@@ -131,8 +130,6 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
         device: faiss device: 'auto', 'cpu', or 'cuda' ('cuda' falls back to the CPU when the installed faiss
             has no GPU support, since the torch device and the faiss build are independent).
         search_options: extra keyword arguments for :func:`partreid.common.retrieval.search.knn_search`.
-        n_jobs: processes for the Jaccard min-sums (default: the available CPUs, as faiss uses them for the
-            search; the labels do not depend on it).
 
     Returns:
         :class:`ClusterResult`.
@@ -163,7 +160,7 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
     sims, idx = knn_search(x, width, metric="ip", **opts)
     timings["knn"] = time.perf_counter() - t
     graph = kreciprocal_jaccard(x, k1, k2, max_distance=md, convention=convention, knn=idx,
-                                similarities=sims, timings=timings, check_input=False, n_jobs=n_jobs)
+                                similarities=sims, timings=timings, check_input=False)
     timings.pop("total", None)
     del sims
     t = time.perf_counter()
