@@ -48,13 +48,6 @@ def setup_logging(verbose: int = 0) -> None:
     root.propagate = False
 
 
-def resolve_device(device: str) -> str:
-    """:func:`partreid.common.distributed.resolve_device`, imported on call (it imports torch)."""
-    from partreid.common.distributed import resolve_device as resolve
-
-    return resolve(device)
-
-
 def read_input_path(value: Optional[str], what: str = "input file") -> str:
     """Return ``value``, or read the path from stdin when it is omitted or ``-``.
 
@@ -77,12 +70,34 @@ def emit_output(path) -> None:
     sys.stdout.flush()
 
 
-def seed_everything(seed: Optional[int]) -> None:
-    """Seed Python, NumPy and torch RNGs (no-op for None)."""
-    if seed is not None:
+def resolve_device(device: str) -> str:
+    """``--device auto|cpu|cuda`` → a torch device string (see :func:`partreid.common.distributed.resolve_device`).
+
+    Imports torch: call it only in commands that run a network.
+    """
+    from partreid.common.distributed import resolve_device as resolve
+
+    return resolve(device)
+
+
+def seed_everything(seed: Optional[int], torch: bool = True) -> None:
+    """Seed Python and NumPy, and with ``torch=True`` torch too (no-op for None).
+
+    Commands that run no network pass ``torch=False`` so that torch is never imported.
+    """
+    if seed is None:
+        return
+    if torch:
         from partreid.common.rng import seed_everything as seed_all
 
         seed_all(seed)
+    else:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
 
 
 def common_options(func: Callable) -> Callable:
@@ -344,7 +359,7 @@ def run_checkpoint(checkpoint: Optional[str], what: str = "--checkpoint") -> Opt
     """
     if not checkpoint or not Path(checkpoint).is_dir():
         return checkpoint
-    from partreid.common.runs import run_model_file
+    from partreid.cli._runs import run_model_file
 
     found = run_model_file(checkpoint)
     if found is None:

@@ -4,6 +4,7 @@ import click
 
 from partreid.cli._common import (Command, common_options, emit_output, guard_files, guarded, resolve_device,
                                   run_checkpoint, seed_everything)
+from partreid.common.models.archs import ARCHS
 
 
 def parse_size(value):
@@ -40,7 +41,7 @@ Examples:
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Average with the mirrored image.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise features.")
 @click.option("--no-parts", is_flag=True, help="Do not store part features.")
-@click.option("--arch", default=None, help="Force the architecture (vit_tiny/vit_small/vit_base/resnet50).")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None, help="Force the architecture.")
 @click.option("--image-size", default=None, help="Input size HxW in pixels (default: the checkpoint's).")
 @click.option("--interpolation", type=click.Choice(["bicubic", "bilinear"]), default="bicubic", show_default=True)
 @click.option("--batch-size", "-b", type=int, default=64, show_default=True)
@@ -60,7 +61,7 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     checkpoint = run_checkpoint(checkpoint)
     guard_files(reads={"--checkpoint": checkpoint}, specs={"--data": spec}, writes={"--out": out})
     from partreid.common.distributed import init_distributed
-    from partreid.common.pipeline import extract_features
+    from partreid.cli._stages import extract_features
 
     seed_everything(seed)
     device = init_distributed(resolve_device(device))

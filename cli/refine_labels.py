@@ -28,6 +28,11 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     guard_files(reads={"LABELS": labels}, writes={"--out": out, "--plot": plot})
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
 
-    path, report = refine_labels_file(labels, out, k=k, plot=plot, device=device)
+    path, report = refine_labels_file(labels, out, k=k, device=device)
     click.echo(report, err=True)
+    if plot:
+        from partreid.cli._plots import plot_agreement
+        from partreid.common.h5io import read_labels
+
+        click.echo(f"histograms: {plot_agreement(read_labels(path).agreement, plot)}", err=True)
     emit_output(path)
