@@ -54,12 +54,22 @@ def tree_hashes(*roots: Path) -> dict:
     return out
 
 
+# one thread per process: the cases are tiny, and idle OpenMP threads spinning on a 2-core machine cost more
+# than the work (the extraction of 32 crops took 2.6x the CPU time with the default 2 threads)
+ENV = {"PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+
+def child_env() -> dict:
+    env = dict(os.environ, **ENV)
+    env.pop("PARTREID_DEBUG", None)
+    return env
+
+
 def run(argv: Sequence, *, stdin: Optional[str] = None, umask: int = 0o022, timeout: float = 300,
         cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
     cmd = [script(str(argv[0]))] + [str(a) for a in argv[1:]]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
-    env.pop("PARTREID_DEBUG", None)
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env,
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=child_env(),
                           cwd=cwd, preexec_fn=lambda: os.umask(umask))
 
 
@@ -480,7 +490,7 @@ def test_signal_sigterm_keeps_resumable_state(env, solo, out):
     argv = [script("extract-features"), "-c", "random:vit_tiny", "--image-size", "64x32", "-b", "1", "-j", "1",
             "-d", f"csv:{env.p('m.csv')}", "--out", out / "e.h5"]
     proc = subprocess.Popen([str(a) for a in argv], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: os.umask(0o022))
+                            start_new_session=True, preexec_fn=lambda: os.umask(0o022), env=child_env())
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if any(".partial" in p.name for p in out.iterdir()):
@@ -512,7 +522,8 @@ def test_signal_while_holding_the_output(env, out, sig, rc):
     """A signal after the output guard took its lock: one line, exit 143/130, the lock released, nothing left."""
     before = tree_hashes(env.inp)
     proc = subprocess.Popen([script("cluster"), str(env.p("f.h5")), "--out", str(out / "l.h5")], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o022))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o022),
+                            env=child_env())
     deadline = time.time() + 60
     while not (out / ".l.h5.lock").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -592,10 +603,11 @@ def _race(argv, out_file: Path, gap: float, reference: Callable, reps: int = 5):
     for rep in range(reps):
         if out_file.exists():
             out_file.unlink()
-        first = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=child_env())
         time.sleep(gap)
         second = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+                                  text=True, env=child_env())
         results = []
         for p in (first, second):
             stdout, stderr = p.communicate(timeout=300)
