@@ -11,6 +11,7 @@ import numpy as np
 
 from partreid.common.errors import InputError
 from partreid.common.h5io import FEATURES_FORMAT, LABELS_FORMAT, read_features, read_labels
+from partreid.cli._runs import describe_run, is_run_folder
 from partreid.pplr_finetune.pseudo_labels import size_histogram
 
 
@@ -66,12 +67,14 @@ def describe_dataset(spec: str) -> str:
 
 
 def describe(target: str) -> str:
-    """Summary of ``target``: a features file, a labels file (``.h5`` or ``.csv``) or a dataset spec.
+    """Summary of ``target``: a run folder, a features file, a labels file (``.h5`` or ``.csv``) or a dataset spec.
 
     Raises:
         InputError: the target is neither a readable partreid file nor a valid dataset spec.
     """
     path = Path(target)
+    if is_run_folder(path):
+        return describe_run(path)
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return describe_labels(path)

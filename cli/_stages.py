@@ -122,6 +122,12 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
         raise InputError(f"{query} has D={q.global_feats.shape[1]} but {gallery} has D={g.global_feats.shape[1]}")
     if q.attrs.get("model_sha256") != g.attrs.get("model_sha256"):
         log.warning("query and gallery features come from different models (model_sha256 differs)")
+    from partreid.common.retrieval.evaluation import tied_distance_fraction
+
+    tied = tied_distance_fraction(q.global_feats, g.global_feats, metric=metric)
+    if tied > 0.05:
+        log.warning("%.0f%% of the gallery distances tie exactly (identical gallery features?); ties are ranked by "
+                    "gallery row order (stable sort), so these metrics depend on that order", 100 * tied)
     metrics = evaluate_arrays(q.global_feats, g.global_feats, q.pid, g.pid, q.camid, g.camid, rerank=rerank, k1=k1,
                               k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric)
     if show_ranks:

@@ -2,7 +2,7 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import Command, common_options, guard_files, emit_output, guarded, read_input_path
 
 
 def parse_sweep(value):
@@ -19,7 +19,7 @@ def parse_sweep(value):
     return [round(lo + i * step, 10) for i in range(count)]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   cluster train.h5 --out labels.h5                       # PPLR/cluster-contrast defaults
   cluster train.h5 --out labels.h5 --eps 0.5 --sweep-eps 0.4:0.7:0.05
@@ -52,9 +52,11 @@ def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_
     stdout. The report (clusters, outliers, size histogram, and NMI/ARI/pairwise P/R/F when the features
     file has real pids) goes to stderr.
     """
+    features = read_input_path(features, "features file")
+    guard_files(reads={"FEATURES": features}, writes={"--out": out, "--plot-clusters": plot_clusters})
     from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
-    path, report = cluster_features_file(read_input_path(features, "features file"), out, k1=k1, k2=k2, eps=eps,
+    path, report = cluster_features_file(features, out, k1=k1, k2=k2, eps=eps,
                                          min_samples=min_samples, convention=convention, knn=knn_method,
                                          sweep=parse_sweep(sweep_eps), device=device)
     click.echo(report, err=True)

@@ -4,12 +4,13 @@ import json
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path, resolve_device, seed_everything
+from partreid.cli._common import (Command, common_options, emit_output, guard_files, guarded, read_input_path,
+                                  resolve_device, run_checkpoint, seed_everything)
 from partreid.cli.extract_features import parse_size
 from partreid.common.models.archs import ARCHS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   evaluate --query q.h5 --gallery g.h5
   evaluate --query q.h5 --gallery g.h5 --rerank --out metrics.json
@@ -56,6 +57,11 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     from partreid.common.errors import InputError
     from partreid.common.fileio import atomic_path
 
+    checkpoint = run_checkpoint(checkpoint)
+    if not checkpoint and gallery:
+        query = read_input_path(query, "query features file")
+    guard_files(reads={"--query": query, "--gallery": gallery, "--checkpoint": checkpoint}, specs={"--data": spec},
+                writes={"--out": out}, out_dirs={"--out-dir": out_dir})
     seed_everything(seed, torch=bool(checkpoint))  # torch only when a network runs
     kwargs = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric,
                   show_ranks=show_ranks)
@@ -68,7 +74,7 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     else:
         if not gallery:
             raise InputError("give --gallery G.h5 (and --query Q.h5 or its path on stdin), or --checkpoint/--data")
-        metrics = evaluate_files(read_input_path(query, "query features file"), gallery, out_dir=out_dir, **kwargs)
+        metrics = evaluate_files(query, gallery, out_dir=out_dir, **kwargs)
     table = format_metrics_table(metrics)
     if out:
         with atomic_path(out, inputs=(query, gallery)) as tmp:

@@ -2,7 +2,8 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
+from partreid.cli._common import (Command, common_options, emit_output, guard_files, guarded, resolve_device,
+                                  run_checkpoint, seed_everything)
 from partreid.common.models.archs import ARCHS
 
 
@@ -17,7 +18,7 @@ def parse_size(value):
         raise click.BadParameter(f"{value!r}: expected HxW in pixels, e.g. 256x128") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   extract-features --checkpoint runs/pass_vit_small/backbone.pth \\
       --data market1501:/data/Market-1501-v15.09.15 --split query --out q.h5
@@ -57,6 +58,8 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     with. Runs under torchrun too: each rank extracts its share and rank 0 writes the file. Prints the
     output path on stdout.
     """
+    checkpoint = run_checkpoint(checkpoint)
+    guard_files(reads={"--checkpoint": checkpoint}, specs={"--data": spec}, writes={"--out": out})
     from partreid.common.distributed import init_distributed
     from partreid.cli._stages import extract_features
 

@@ -2,12 +2,13 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
+from partreid.cli._common import (Command, common_options, emit_output, guard_files, guarded, resolve_device,
+                                  seed_everything)
 from partreid.cli.extract_features import parse_size
 from partreid.common.models.archs import ARCHS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   finetune --checkpoint runs/pass_vit_small/backbone.pth --data market1501:/data/Market-1501-v15.09.15 \\
       --out runs/pplr_market                     # PPLR on PASS part tokens, paper defaults
@@ -83,6 +84,10 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
     last.pth (the model, for extract-features/evaluate), metrics.csv and summary.json in --out, and prints
     the path of last.pth. Results are reported for the LAST epoch.
     """
+    guard_files(reads={"--checkpoint": checkpoint, "--labels": labels_file, "--resnet-weights": resnet_weights},
+                specs={"--data": spec, "--eval-data": eval_data}, out_dirs={"--keep-intermediate": keep_intermediate},
+                run_dirs={"--out": (out, ("checkpoint.pth", "last.pth", "metrics.csv", "summary.json",
+                                          "metrics.png"))})
     from partreid.common.distributed import init_distributed
     from partreid.pplr_finetune.train import FinetuneConfig, finetune
 

@@ -2,10 +2,10 @@
 
 import click
 
-from partreid.cli._common import common_options, guarded, read_input_path
+from partreid.cli._common import Command, common_options, guard_files, guarded, read_input_path
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   inspect-data market1501:/data/Market-1501-v15.09.15
   inspect-data runs/query.h5
@@ -24,4 +24,6 @@ def main(target, device, seed, verbose, debug):
     """
     from partreid.cli._inspect import describe
 
-    click.echo(describe(read_input_path(target, "dataset spec or file")))
+    target = read_input_path(target, "dataset spec or file")
+    guard_files(reads={"TARGET": target})
+    click.echo(describe(target))

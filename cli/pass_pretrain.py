@@ -2,12 +2,12 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import Group, guard_files, common_options, emit_output, guarded, read_input_path
 from partreid.cli.extract_features import parse_size
 from partreid.common.models.archs import VIT_ARCHS
 
 
-class _TrainOrExport(click.Group):
+class _TrainOrExport(Group):
     """``pass-pretrain [OPTIONS]`` trains; ``pass-pretrain export RUN --out FILE`` exports."""
 
     def parse_args(self, ctx, args):
@@ -87,6 +87,8 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
 
     if not spec or not out:
         raise InputError("pass-pretrain needs --data SPEC and --out RUN_DIR (see --help)")
+    guard_files(specs={"--data": spec}, run_dirs={"--out": (out, ("checkpoint.pth", "teacher_backbone.pth",
+                                                                "config.json", "metrics.csv"))})
     size = parse_size(image_size)
     local = parse_size(local_size) or (size[0] // 2, size[1] // 2)
     config = PassConfig(arch=arch, depth=depth, image_size=size, local_size=local, drop_path_rate=drop_path,
@@ -118,6 +120,8 @@ Examples:
 @guarded
 def export(run, out, verbose, debug):
     """Write the teacher backbone of RUN (a run folder or checkpoint) alone, in the official PASS key layout."""
+    run = read_input_path(run, "run folder")
+    guard_files(reads={"RUN": run}, writes={"--out": out})
     from partreid.pass_pretrain.train import export_backbone
 
-    emit_output(export_backbone(read_input_path(run, "run folder"), out))
+    emit_output(export_backbone(run, out))

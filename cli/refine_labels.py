@@ -2,10 +2,10 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import Command, common_options, guard_files, emit_output, guarded, read_input_path
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   refine-labels labels.h5 --out refined.h5
   refine-labels labels.h5 --out refined.h5 --k 20 --plot agreement.png
@@ -24,9 +24,11 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     part-n feature spaces. The features are found through the labels file's reference (the content hash must
     match). LABELS is read from stdin when omitted or '-'. Prints the output path on stdout.
     """
+    labels = read_input_path(labels, "labels file")
+    guard_files(reads={"LABELS": labels}, writes={"--out": out, "--plot": plot})
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
 
-    path, report = refine_labels_file(read_input_path(labels, "labels file"), out, k=k, device=device)
+    path, report = refine_labels_file(labels, out, k=k, device=device)
     click.echo(report, err=True)
     if plot:
         from partreid.cli._plots import plot_agreement

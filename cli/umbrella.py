@@ -10,6 +10,7 @@ import importlib
 
 import click
 
+from partreid.cli._common import Group
 from partreid.common import __version__
 
 # command name → (module under partreid.cli holding a click command called ``main``, one-line summary)
@@ -24,7 +25,7 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
     """A click group whose sub-commands are imported on first use."""
 
     def list_commands(self, ctx):

@@ -32,10 +32,10 @@ export/import format.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,8 @@ import numpy as np
 
 from partreid.common import __version__
 from partreid.common.errors import InputError
-from partreid.common.fileio import PathLike, atomic_path, sha256_file
+from partreid.common.fileio import (PathLike, atomic_path, check_not_input, new_partial, output_lock, partials_of,
+                                    sha256_file)
 
 FEATURES_FORMAT = "partreid.features"
 LABELS_FORMAT = "partreid.labels"
@@ -201,6 +202,8 @@ def _check_rows(where: Path, n: int, **arrays: Optional[np.ndarray]) -> None:
 
 
 def _check_finite(path: Path, name: str, arr: np.ndarray) -> None:
+    if arr.size == 0:
+        return
     flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
     for start in range(0, flat.shape[0], _CHECK_ROWS):
         block = flat[start:start + _CHECK_ROWS]
@@ -212,38 +215,110 @@ def _check_finite(path: Path, name: str, arr: np.ndarray) -> None:
                              f"{count}+ rows affected)")
 
 
+def _check_finite_stream(f: h5py.File, path: Path, name: str) -> None:
+    """:func:`_check_finite` on a dataset read ``_CHECK_ROWS`` rows at a time (not kept in memory)."""
+    ds = f[name]
+    rows = max(1, _CHECK_ROWS // max(1, int(np.prod(ds.shape[1:])) // 64))
+    for start in range(0, ds.shape[0], rows):
+        try:
+            block = ds[start:start + rows]
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: dataset '{name}' is unreadable, the file is probably truncated "
+                             f"({str(exc).splitlines()[0]})") from None
+        try:
+            _check_finite(path, name, block)
+        except InputError:
+            bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+            raise InputError(f"{path}: '{name}' holds NaN/Inf values (first at row "
+                             f"{start + int(np.nonzero(bad)[0][0])})") from None
+
+
 def _as_str_array(values: Sequence[str]) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=object)
 
 
 # --------------------------------------------------------------------------------------------- features
-def read_features(path: PathLike, parts: bool = True) -> FeaturesFile:
+def _shape_of(f: h5py.File, path: Path, name: str) -> Optional[tuple]:
+    """Shape of dataset ``name`` (None when absent), read from the metadata only."""
+    if name not in f:
+        return None
+    obj = f[name]
+    if not isinstance(obj, h5py.Dataset):
+        raise InputError(f"{path}: '{name}' is not a dataset")
+    return tuple(obj.shape)
+
+
+def _check_kind(path: Path, f: h5py.File, name: str, kinds: str, what: str) -> None:
+    if name not in f or not isinstance(f[name], h5py.Dataset):
+        return
+    dt = f[name].dtype
+    if h5py.check_string_dtype(dt) is not None or dt.kind not in kinds:
+        raise InputError(f"{path}: '{name}' must hold {what}, got dtype {dt}")
+
+
+def _check_not_empty(path: Path, n: int, what: str, allow_empty: bool) -> None:
+    if n == 0 and not allow_empty:
+        raise InputError(f"{path}: the {what} holds no rows (N = 0); nothing to work on")
+
+
+def read_features(path: PathLike, parts: bool = True, allow_empty: bool = False) -> FeaturesFile:
     """Read and validate a features file.
+
+    The whole file is validated, also what is not loaded: the shapes of ``global`` (N, D), ``parts``
+    (N, P, Dp), ``path``, ``pid`` and ``camid`` (N,), their dtypes, and the finiteness of ``global`` and
+    ``parts`` (with ``parts=False`` the part features are streamed through the check, not kept), so a bad file
+    is refused by the first stage that opens it, not one stage later.
 
     Args:
         path: the ``.h5`` file.
         parts: also load ``parts`` (N, P, Dp) when present.
+        allow_empty: accept N = 0 (default: an :class:`InputError`, since no stage can work on it).
 
     Returns:
         :class:`FeaturesFile`.
 
     Raises:
-        InputError: missing file, not HDF5, truncated, another format or version, mismatched N, NaN/Inf features.
+        InputError: missing file, not HDF5, truncated, another format or version, mismatched N, bad shapes or
+            dtypes, NaN/Inf features, N = 0.
     """
     path = Path(path)
     with _open_h5(path, "features file") as f:
         attrs = _check_format(f, path, FEATURES_FORMAT)
+        gshape = _shape_of(f, path, "global")
+        if gshape is None:
+            raise InputError(f"{path}: dataset 'global' is missing")
+        if len(gshape) != 2:
+            raise InputError(f"{path}: 'global' must be 2-D (N, D), got shape {gshape}")
+        n = gshape[0]
+        if gshape[1] < 1:
+            raise InputError(f"{path}: 'global' has D = 0 columns")
+        pshape = _shape_of(f, path, "parts")
+        if pshape is not None:
+            if len(pshape) != 3:
+                raise InputError(f"{path}: 'parts' must be 3-D (N, P, Dp), got shape {pshape}")
+            if pshape[0] != n:
+                raise InputError(f"{path}: mismatched N: 'parts' has {pshape[0]} rows, expected {n}")
+            if pshape[1] < 1 or pshape[2] < 1:
+                raise InputError(f"{path}: 'parts' has an empty dimension, shape {pshape}")
+        for name in ("path", "pid", "camid"):
+            shape = _shape_of(f, path, name)
+            if shape is None:
+                raise InputError(f"{path}: dataset '{name}' is missing")
+            if len(shape) != 1:
+                raise InputError(f"{path}: '{name}' must be 1-D (N,), got shape {shape}")
+        _check_kind(path, f, "global", "f", "floating-point features")
+        _check_kind(path, f, "parts", "f", "floating-point features")
+        _check_kind(path, f, "pid", "iu", "integer ids")
+        _check_kind(path, f, "camid", "iu", "integer ids")
         g = _read(f, path, "global")
-        if g.ndim != 2:
-            raise InputError(f"{path}: 'global' must be 2-D (N, D), got shape {g.shape}")
-        n = g.shape[0]
         p = _read(f, path, "parts", required=False) if parts else None
-        if p is not None and p.ndim != 3:
-            raise InputError(f"{path}: 'parts' must be 3-D (N, P, Dp), got shape {p.shape}")
+        if not parts and pshape is not None:
+            _check_finite_stream(f, path, "parts")
         paths = _read(f, path, "path")
         pid = _read(f, path, "pid").astype(np.int64, copy=False)
         camid = _read(f, path, "camid").astype(np.int64, copy=False)
     _check_rows(path, n, parts=p, path=paths, pid=pid, camid=camid)
+    _check_not_empty(path, n, "features file", allow_empty)
     g = np.ascontiguousarray(g, dtype=np.float32)
     _check_finite(path, "global", g)
     if p is not None:
@@ -329,10 +404,13 @@ def _create_feature_datasets(f: h5py.File, n: int, dim: int, parts_shape: Option
 class FeaturesWriter:
     """Chunked, resumable writer of a features file.
 
-    Rows are written in order with :meth:`write`; progress lives in a partial file
-    ``.<name>.partial.h5`` next to the destination, so a killed extraction resumed with ``resume=True`` continues
-    after the last completed chunk. :meth:`finish` drops rows marked skipped (unreadable images), checks the
-    features are finite and renames the result over ``out``.
+    Rows are written in order with :meth:`write`; progress lives in a partial file unique to this process,
+    ``.<name>.<pid>-<hex>.partial.h5`` next to the destination (:func:`common.fileio.new_partial`), created
+    while holding the destination's write lock (:func:`common.fileio.output_lock`, held until :meth:`finish` or
+    :meth:`close`), so a second writer of the same ``out`` is refused before it touches anything. A killed
+    extraction resumed with ``resume=True`` adopts the matching partial file and continues after the last
+    completed chunk. :meth:`finish` drops rows marked skipped (unreadable images), checks the features are
+    finite and renames the result over ``out``.
 
     Args:
         out: destination ``.h5``.
@@ -340,17 +418,18 @@ class FeaturesWriter:
         dim: D of ``global``; parts_shape: (P, Dp) or None.
         attrs: root attributes (see :func:`write_features`); ``resume_key`` in the partial file must match
             ``attrs`` fields ``dataset_fingerprint``, ``split`` and ``model_sha256`` for a resume.
-        resume: continue a partial file when one matches; otherwise start again.
+        resume: continue a partial file when one matches; otherwise start again (older partial files of
+            ``out`` are removed).
+
+    Raises:
+        InputError: ``out`` is one of ``inputs``. OutputBusyError: another process is writing ``out``.
     """
 
     def __init__(self, out: PathLike, paths: Sequence[str], pids: Sequence[int], camids: Sequence[int],
                  dim: int, parts_shape: Optional[tuple], attrs: Mapping[str, Any], resume: bool = False,
                  inputs: Sequence[PathLike] = ()):
         self.out = Path(out)
-        self.partial = self.out.with_name(f".{self.out.name}.partial.h5")
-        for src in inputs:
-            if src and Path(src).exists() and self.out.exists() and os.path.samefile(src, self.out):
-                raise InputError(f"{self.out}: refusing to overwrite the input file; choose another --out")
+        check_not_input(self.out, inputs)
         self.n = len(paths)
         self.attrs = _features_attrs(attrs, bool(attrs.get("normalized", False)))
         key = json.dumps([str(self.attrs.get(k, "")) for k in ("dataset_fingerprint", "split", "model_sha256")]
@@ -358,16 +437,34 @@ class FeaturesWriter:
                             bool(self.attrs["normalized"]), str(self.attrs.get("options", ""))])
         self.rows_done = 0
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.partial.exists():
-            try:
-                f = h5py.File(self.partial, "r+")
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(output_lock(self.out))
+        try:
+            self._open(key, paths, pids, camids, dim, parts_shape, resume)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, key, paths, pids, camids, dim, parts_shape, resume) -> None:
+        stale = partials_of(self.out, ".h5")
+        self.partial = None
+        if resume:
+            for cand in stale:
+                try:
+                    f = h5py.File(cand, "r+")
+                except OSError:
+                    continue  # unreadable partial file
                 if _from_attr(f.attrs.get("resume_key")) == key:
-                    self.f = f
+                    self.f, self.partial = f, cand
                     self.rows_done = int(f.attrs["rows_done"])
-                    return
+                    break
                 f.close()
-            except OSError:
-                pass  # unreadable partial file: start again
+        for old in stale:  # earlier writers are gone (we hold the lock): their leftovers go
+            if old != self.partial:
+                old.unlink(missing_ok=True)
+        if self.partial is not None:
+            return
+        self.partial = new_partial(self.out, ".h5")
         self.f = h5py.File(self.partial, "w")
         _create_feature_datasets(self.f, self.n, int(dim), parts_shape)
         self.f.create_dataset("skipped", shape=(self.n,), dtype=np.bool_)
@@ -413,16 +510,20 @@ class FeaturesWriter:
         f.close()
         attrs = dict(self.attrs)
         attrs["num_skipped"] = int(skipped.sum())
-        write_features(self.out, g, p, paths, pid, camid, attrs)
-        self.partial.unlink(missing_ok=True)
+        try:
+            write_features(self.out, g, p, paths, pid, camid, attrs)
+            self.partial.unlink(missing_ok=True)
+        finally:
+            self._lock.close()
         return self.out
 
     def close(self) -> None:
-        """Close the partial file, keeping it for a later ``resume``."""
+        """Close the partial file, keeping it for a later ``resume``, and release the write lock."""
         try:
             self.f.close()
         except Exception:  # already closed
             pass
+        self._lock.close()
 
 
 # --------------------------------------------------------------------------------------------- labels
@@ -484,32 +585,61 @@ def write_labels(out: PathLike, labels: np.ndarray, *, features_file: PathLike, 
     return out
 
 
-def read_labels(path: PathLike) -> LabelsFile:
+def read_labels(path: PathLike, allow_empty: bool = False) -> LabelsFile:
     """Read and validate a labels file (``.h5``, or the ``.csv`` export).
 
+    Validated: format and version; ``labels`` (N,) integers >= -1; ``agreement`` (N, P) finite; ``knn``
+    (N, k) integers in [0, N); ``path``, ``pid``, ``camid`` (N,).
+
     Raises:
-        InputError: missing file, another format or version, truncated file, mismatched N.
+        InputError: missing file, another format or version, truncated file, mismatched N, bad shapes or values,
+            N = 0 (unless ``allow_empty``).
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        return _read_labels_csv(path)
-    with _open_h5(path, "labels file") as f:
-        attrs = _check_format(f, path, LABELS_FORMAT)
-        labels = _read(f, path, "labels").astype(np.int64, copy=False)
-        agreement = _read(f, path, "agreement", required=False)
-        knn = _read(f, path, "knn", required=False)
-        paths = _read(f, path, "path")
-        pid = _read(f, path, "pid").astype(np.int64, copy=False)
-        camid = _read(f, path, "camid").astype(np.int64, copy=False)
+        lab = _read_labels_csv(path)
+    else:
+        with _open_h5(path, "labels file") as f:
+            attrs = _check_format(f, path, LABELS_FORMAT)
+            for name in ("labels", "pid", "camid", "knn"):
+                _check_kind(path, f, name, "iu", "integers")
+            _check_kind(path, f, "agreement", "f", "floating-point scores")
+            labels = _read(f, path, "labels").astype(np.int64, copy=False)
+            agreement = _read(f, path, "agreement", required=False)
+            knn = _read(f, path, "knn", required=False)
+            paths = _read(f, path, "path")
+            pid = _read(f, path, "pid").astype(np.int64, copy=False)
+            camid = _read(f, path, "camid").astype(np.int64, copy=False)
+        if agreement is not None:
+            agreement = agreement.astype(np.float32, copy=False)
+        if knn is not None:
+            knn = knn.astype(np.int64, copy=False)
+        lab = LabelsFile(labels, agreement, knn, paths, pid, camid, attrs, path)
+    _validate_labels(lab, path, allow_empty)
+    return lab
+
+
+def _validate_labels(lab: LabelsFile, path: Path, allow_empty: bool) -> None:
+    labels = lab.labels
     if labels.ndim != 1:
         raise InputError(f"{path}: 'labels' must be 1-D (N,), got shape {labels.shape}")
-    _check_rows(path, labels.shape[0], agreement=agreement, knn=knn, path=paths, pid=pid, camid=camid)
-    if agreement is not None:
-        agreement = agreement.astype(np.float32, copy=False)
-        _check_finite(path, "agreement", agreement)
-    if knn is not None:
-        knn = knn.astype(np.int64, copy=False)
-    return LabelsFile(labels, agreement, knn, paths, pid, camid, attrs, path)
+    n = labels.shape[0]
+    for name in ("path", "pid", "camid"):
+        arr = getattr(lab, name)
+        if arr.ndim != 1:
+            raise InputError(f"{path}: '{name}' must be 1-D (N,), got shape {arr.shape}")
+    if lab.agreement is not None and lab.agreement.ndim != 2:
+        raise InputError(f"{path}: 'agreement' must be 2-D (N, P), got shape {lab.agreement.shape}")
+    if lab.knn is not None and lab.knn.ndim != 2:
+        raise InputError(f"{path}: 'knn' must be 2-D (N, k), got shape {lab.knn.shape}")
+    _check_rows(path, n, agreement=lab.agreement, knn=lab.knn, path=lab.path, pid=lab.pid, camid=lab.camid)
+    _check_not_empty(path, n, "labels file", allow_empty)
+    if n and labels.min() < -1:
+        raise InputError(f"{path}: 'labels' holds {int(labels.min())}; labels are >= 0, or -1 for an outlier")
+    if lab.agreement is not None:
+        _check_finite(path, "agreement", lab.agreement)
+    if lab.knn is not None and lab.knn.size and (lab.knn.min() < 0 or lab.knn.max() >= n):
+        raise InputError(f"{path}: 'knn' holds row indices outside [0, {n - 1}]")
 
 
 def features_for_labels(labels: LabelsFile, features_path: Optional[PathLike] = None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -565,6 +566,12 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                                  f"{ckpt.get('world_size')} processes, now {n_images} on {world}")
             trainer.load_state_dict(ckpt)
             start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
+            if start_epoch >= config.epochs:
+                if rank == 0:
+                    logging.getLogger("partreid").warning(
+                        "%s: this run already finished (%d of %d epochs); nothing to do, nothing changed",
+                        out_dir, start_epoch, config.epochs)
+                return ckpt_path
             if rank == 0:
                 set_rng_state(ckpt["rng"])
             else:

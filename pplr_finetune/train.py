@@ -345,6 +345,10 @@ class _Run:
         labels = np.asarray(pl["labels"], dtype=np.int64)
         keep = labels >= 0
         num_clusters = int(labels[keep].max()) + 1 if keep.any() else 0
+        if num_clusters < 2 and epoch == self.start_epoch and self.labels_file is not None:
+            raise InputError(f"{cfg.labels}: the labels given with --labels hold {num_clusters} cluster(s) "
+                             f"({int((~keep).sum())} of {len(labels)} samples are outliers); re-run cluster on its "
+                             f"features with another --eps (--sweep-eps helps choose), or give other --labels")
         if num_clusters < 2:
             raise InputError(f"epoch {epoch}: DBSCAN found {num_clusters} cluster(s) at eps={cfg.eps}; "
                              f"try another --eps (cluster --sweep-eps helps choose)")
@@ -481,6 +485,10 @@ def finetune(cfg: FinetuneConfig, out_dir) -> Path:
     run = _Run(cfg, out)
     if cfg.resume:
         run.load()
+        if run.start_epoch >= cfg.epochs:
+            log.warning("%s: this run already finished (%d of %d epochs); nothing to do, nothing changed",
+                        out, run.start_epoch, cfg.epochs)
+            return out / "last.pth"
     elif run.state_path.exists():
         raise InputError(f"{run.state_path} exists: pass --resume to continue that run, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)

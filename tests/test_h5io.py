@@ -1,6 +1,8 @@
 """The HDF5 contract: round trips, exact names, validation errors and atomic writes."""
 
+import os
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -173,3 +175,79 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         write_features(out, np.full((2, 3), np.nan, np.float32), None, ["a", "b"], [0, 1], [0, 0],
                        {"normalized": False})
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------- issue 12 mechanisms
+def test_atomic_path_mode_follows_umask_and_cleans_up(tmp_path):
+    from partreid.common.fileio import atomic_path
+
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "a.json") as tmp:
+            assert tmp.name.startswith(f".a.json.{os.getpid()}-") and ".partial" in tmp.name
+            tmp.write_text("{}")
+        with pytest.raises(RuntimeError):
+            with atomic_path(tmp_path / "b.json") as tmp:
+                tmp.write_text("half")
+                raise RuntimeError("writer failed")
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_output_lock_refuses_another_process_and_is_reentrant(tmp_path):
+    from partreid.common.errors import OutputBusyError
+    from partreid.common.fileio import atomic_path, lock_file_for, output_lock
+
+    dest = tmp_path / "f.h5"
+    probe = ("import sys\nfrom partreid.common.fileio import output_lock\n"
+             "try:\n    with output_lock(sys.argv[1]):\n        print('got it')\n"
+             "except OSError as e:\n    print('busy', e)\n")
+    with output_lock(dest):
+        with atomic_path(dest) as tmp:  # the same process takes it again
+            tmp.write_bytes(b"x")
+        assert lock_file_for(dest).exists()
+        other = subprocess.run([sys.executable, "-c", probe, str(dest)], capture_output=True, text=True)
+        assert other.stdout.startswith("busy") and f"(pid {os.getpid()})" in other.stdout
+    assert not lock_file_for(dest).exists()
+    other = subprocess.run([sys.executable, "-c", probe, str(dest)], capture_output=True, text=True)
+    assert other.stdout.strip() == "got it"
+    assert issubclass(OutputBusyError, InputError) and issubclass(OutputBusyError, OSError)
+
+
+def test_writer_partial_is_unique_and_locked(tmp_path):
+    from partreid.common.errors import OutputBusyError
+
+    out = tmp_path / "w.h5"
+    attrs = {"normalized": False, "dataset_fingerprint": "1:a", "split": "all", "model_sha256": "m"}
+    w = FeaturesWriter(out, ["a", "b"], [0, 1], [0, 0], 2, None, attrs)
+    assert w.partial.name.startswith(f".w.h5.{os.getpid()}-") and w.partial.name.endswith(".partial.h5")
+    probe = ("import sys\nfrom partreid.common.h5io import FeaturesWriter\n"
+             "try:\n    FeaturesWriter(sys.argv[1], ['a'], [0], [0], 2, None, {'normalized': False})\n"
+             "except OSError as e:\n    print('busy')\n")
+    other = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
+    assert other.stdout.strip() == "busy", other.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".h5"] == [w.partial.name]  # nothing truncated
+    w.write(0, np.ones((2, 2), np.float32))
+    w.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.h5"]
+    assert issubclass(OutputBusyError, OSError)
+
+
+def test_readers_refuse_empty_and_check_unloaded_parts(features_file, tmp_path):
+    empty = write_features(tmp_path / "e.h5", np.zeros((0, 4), np.float32), None, [], [], [], {"normalized": True})
+    with pytest.raises(InputError, match=r"N = 0"):
+        read_features(empty)
+    assert len(read_features(empty, allow_empty=True)) == 0
+    bad = tmp_path / "p.h5"
+    bad.write_bytes(features_file.read_bytes())
+    with h5py.File(bad, "a") as h:
+        h["parts"][7, 2, 1] = np.nan
+    with pytest.raises(InputError, match=r"'parts' holds NaN/Inf values \(first at row 7\)"):
+        read_features(bad, parts=False)  # not loaded, still validated
+    with h5py.File(bad, "a") as h:
+        del h["parts"]
+        h["parts"] = np.zeros((11, 3, 4), np.float32)
+    with pytest.raises(InputError, match="'parts' has 11 rows, expected 12"):
+        read_features(bad, parts=False)

@@ -555,3 +555,29 @@ def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_p
             idx_rows.append(out_i)
             dist_rows.append(out_d)
     return np.stack(idx_rows), np.stack(dist_rows)
+
+
+def tied_distance_fraction(qf, gf, metric: str = "euclidean", max_queries: int = 64) -> float:
+    """Fraction of gallery distances that equal another gallery distance of the same query, exactly.
+
+    Computed on up to ``max_queries`` queries spread over the query list, with the distances
+    :func:`distance_chunks` gives (float32). Exact ties (e.g. identical gallery features) make the ranking,
+    and so mAP/CMC, depend on the gallery's row order: the ranking breaks ties by gallery index (stable sort).
+
+    Args:
+        qf: float32 (Q, D); gf: float32 (G, D); metric: as in :func:`distance_chunks`.
+
+    Returns:
+        A fraction in [0, 1] (0 when Q or G is 0).
+    """
+    q = _as_features(qf, "query features")
+    g = _as_features(gf, "gallery features")
+    if len(q) == 0 or len(g) < 2:
+        return 0.0
+    rows = np.unique(np.round(np.linspace(0, len(q) - 1, min(max_queries, len(q)))).astype(np.int64))
+    tied = 0
+    for _, dist in distance_chunks(q[rows], g, metric=metric):
+        for row in dist:
+            _, counts = np.unique(row, return_counts=True)
+            tied += int(counts[counts > 1].sum())
+    return tied / float(len(rows) * len(g))
