@@ -60,6 +60,9 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
     split, frame = choose_split(ds, split)
     loaded = load_model(checkpoint, arch=arch, image_size=image_size)
     log.info("model: %s (%s, input %dx%d)", loaded.source, loaded.arch, *loaded.image_size)
+    if loaded.kind == "onnx" and fusion not in ("auto", loaded.meta.get("fusion")):
+        raise InputError(f"{checkpoint}: this exported model computes fusion {loaded.meta.get('fusion')!r} "
+                         f"(fixed at export); drop --fusion or export again with --fusion {fusion}")
     opts = FeatureOptions(fusion=resolve_fusion(loaded, fusion), neck=neck, flip=flip, normalize=normalize,
                           parts=parts)
     return extract_to_file(loaded, ds, frame, out, split=split, opts=opts, batch_size=batch_size, workers=workers,

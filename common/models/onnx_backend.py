@@ -5,7 +5,8 @@
 (``(B, 3, H, W)``, resized and normalised with the mean/std recorded in the file) and returns the features
 the graph computes, ``(global (B, D), parts (B, P, Dp))``, already fused (and L2-normalised when the file
 says ``normalized``). So ``extract-features``, ``evaluate --checkpoint`` and the Python API run the same
-pipeline on an ONNX file as on a torch checkpoint. Fusion and neck are fixed at export time.
+pipeline on an ONNX file as on a torch checkpoint. Fusion and neck are fixed at export time. With ``flip``
+the pipeline averages the graph's outputs, i.e. after the graph's normalisation (torch averages before it).
 
 A graph exported ``--with-preprocessing`` takes uint8 ``(B, H', W', 3)`` RGB crops of any size; fed by the
 pipeline it receives the pipeline's resized crop converted back to uint8 (``round(255 · (x · std + mean))``),
