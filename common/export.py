@@ -47,6 +47,7 @@ from torch import nn
 
 from partreid.common import __version__
 from partreid.common.errors import InputError
+from partreid.common.extract import eval_transform, resolve_fusion as extract_fusion
 from partreid.common.fileio import atomic_path
 from partreid.common.models.loader import LoadedModel, load_model
 from partreid.common.models.onnx_backend import METADATA_KEY, import_onnxruntime
@@ -121,12 +122,11 @@ class WithPreprocessing(nn.Module):
 
 
 def resolve_fusion(loaded: LoadedModel, fusion: str) -> str:
-    """``auto`` → the fusion ``extract-features --fusion auto`` uses (see :func:`partreid.common.pipeline.resolve_fusion`)."""
-    from partreid.common.pipeline import resolve_fusion as pipeline_fusion
-
+    """``auto`` → the fusion ``extract-features --fusion auto`` uses (:func:`partreid.common.extract.resolve_fusion`);
+    a fine-tuned model's own fusion, whatever is asked (its BNNeck was trained on it)."""
     if loaded.kind == "reid":
         return str(loaded.meta.get("fusion", "cat"))
-    return pipeline_fusion(loaded, fusion)
+    return extract_fusion(loaded, fusion)
 
 
 def export_metadata(loaded: LoadedModel, checkpoint: str, *, fusion: str, neck: str, normalize: bool,
@@ -309,8 +309,6 @@ def verify_export(path, fmt: str, torch_module: nn.Module, crops, loaded: Loaded
     Returns:
         a :class:`VerificationReport`.
     """
-    from partreid.common.extract import eval_transform
-
     run = _runner(Path(path), fmt)
     inputs: List[Tuple[List[str], np.ndarray]] = []
     checks = []

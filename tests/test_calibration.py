@@ -107,7 +107,7 @@ def test_calibrated_threshold_against_the_truth(tmp_path, capsys):
     """cluster + refine-labels on an unlabelled set -> calibrate -> evaluate on labelled identities of the same
     distribution reports the real FMR of that threshold. Estimated vs real FMR are printed (pytest -s)."""
     from partreid.common.calibration import calibrate_threshold, write_threshold
-    from partreid.common.pipeline import evaluate_files
+    from partreid.cli._stages import evaluate_files
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
     from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
@@ -144,17 +144,23 @@ def test_calibrated_threshold_against_the_truth(tmp_path, capsys):
     assert bad.returncode == 2 and "euclidean" in bad.stderr
 
 
-def test_calibrate_does_not_import_torch(tmp_path):
+def test_calibrate_evaluate_and_search_on_files_do_not_import_torch(tmp_path):
     from partreid.common.h5io import read_features, write_labels
+    from tests.test_startup import _run
 
-    train = _identities(tmp_path / "t.h5", 30, 0, 0.3)
-    f = read_features(train)
-    labels = f.pid.copy()
-    write_labels(tmp_path / "l.h5", labels, features_file=train, path=f.path, pid=f.pid, camid=f.camid,
+    feats = _identities(tmp_path / "t.h5", 30, 0, 0.3)
+    f = read_features(feats)
+    write_labels(tmp_path / "l.h5", f.pid, features_file=feats, path=f.path, pid=f.pid, camid=f.camid,
                  attrs={"command": "test"}, agreement=np.full((len(f), 3), 0.5, np.float32))
-    code = ("import sys; from partreid.common.calibration import calibrate_threshold;"
-            f"r = calibrate_threshold({str(tmp_path / 'l.h5')!r}, fmr=1e-2); "
-            "assert 'torch' not in sys.modules, 'torch imported'; print(r['threshold'])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout) > 0
+    proc, torch_loaded = _run("partreid.cli.calibrate", tmp_path / "l.h5", "--fmr", "1e-2", "--out", tmp_path / "t.json")
+    assert proc.returncode == 0 and not torch_loaded, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "t.json").read_text())["threshold"] > 0
+    proc, torch_loaded = _run("partreid.cli.evaluate", "--query", feats, "--split-query", 1, "--threshold-file",
+                              tmp_path / "t.json")
+    assert proc.returncode == 0 and not torch_loaded, proc.stderr[-2000:]
+    assert "at threshold" in proc.stdout
+    proc, torch_loaded = _run("partreid.cli.search", feats, "-g", feats, "--threshold", "auto", "--threshold-file",
+                              tmp_path / "t.json", "--out", tmp_path / "m.csv", "--topk", 2)
+    assert proc.returncode == 0 and not torch_loaded, proc.stderr[-2000:]
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(f) and rows[1].endswith(",1")    # each row finds itself first, same person

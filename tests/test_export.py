@@ -84,7 +84,7 @@ def test_torchscript_export_and_failed_verification(finetuned, tmp_path):
 def test_onnx_features_give_the_torch_map(onnx_model, finetuned, tmp_path):
     """extract-features with the ONNX file (onnxruntime) gives the torch checkpoint's mAP to 1e-4."""
     from partreid.common.h5io import read_features
-    from partreid.common.pipeline import evaluate_files, extract_features
+    from partreid.cli._stages import evaluate_files, extract_features
 
     spec = f"market1501:{shared_data('cuhk03-labeled-val')}"
     files = {}
@@ -109,6 +109,14 @@ def test_onnx_features_give_the_torch_map(onnx_model, finetuned, tmp_path):
     tq = read_features(files["torch", "query"])
     cos = (fq.global_feats * tq.global_feats).sum(1)
     assert cos.min() >= 0.9999
+    # the Python API takes the ONNX file as a model too
+    import partreid
+
+    crops = [str(Path(fq.attrs["dataset_root"]) / p) for p in fq.path[:4]]
+    a = partreid.FeatureExtractor(model_path=str(onnx_model.path), device="cpu")(crops)
+    b = partreid.FeatureExtractor(model_path=str(finetuned), device="cpu")(crops)
+    assert a["global"].shape == b["global"].shape == (4, 384)
+    assert (a["global"] * b["global"]).sum(1).min() >= 0.9999
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +138,7 @@ def no_camera_folder(tmp_path_factory):
 def test_evaluate_and_search_without_cameras(onnx_model, no_camera_folder, tmp_path):
     from partreid.common.data.datasets import load_dataset
     from partreid.common.h5io import read_features
-    from partreid.common.pipeline import evaluate_files
+    from partreid.cli._stages import evaluate_files
 
     ds = load_dataset(f"folder:{no_camera_folder}", verbose=False)
     assert (ds.frame["camid"] == -1).all() and ds.frame["pid"].nunique() == 12

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     from partreid.common.calibration import calibrate_threshold, write_threshold
     from partreid.common.data.datasets import load_dataset
-    from partreid.common.pipeline import evaluate_files, extract_features
+    from partreid.cli._stages import evaluate_files, extract_features
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
     from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 

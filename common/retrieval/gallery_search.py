@@ -113,7 +113,7 @@ def load_queries(source: str, gallery, *, checkpoint: Optional[str] = None, spli
         raise InputError(f"{source}: image queries need --checkpoint (the model the gallery was extracted with)")
     from partreid.common.extract import FeatureOptions, extract_arrays
     from partreid.common.models.loader import load_model
-    from partreid.common.pipeline import choose_split
+    from partreid.common.splits import choose_split
 
     ds = _image_dataset(source)
     _, frame = choose_split(ds, split)
