@@ -46,6 +46,9 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
     split, frame = choose_split(ds, split)
     loaded = load_model(checkpoint, arch=arch, image_size=image_size)
     log.info("model: %s (%s, input %dx%d)", loaded.source, loaded.arch, *loaded.image_size)
+    if loaded.kind == "onnx" and fusion not in ("auto", loaded.meta.get("fusion")):
+        raise InputError(f"{checkpoint}: this exported model computes fusion {loaded.meta.get('fusion')!r} "
+                         f"(fixed at export); drop --fusion or export again with --fusion {fusion}")
     opts = FeatureOptions(fusion=resolve_fusion(loaded, fusion), neck=neck, flip=flip, normalize=normalize,
                           parts=parts)
     return extract_to_file(loaded, ds, frame, out, split=split, opts=opts, batch_size=batch_size, workers=workers,
@@ -65,7 +68,12 @@ def format_metrics_table(metrics: dict) -> str:
             f"gallery: {metrics['num_gallery']}")
     extra = f"   re-ranked (k1={metrics['k1']}, k2={metrics['k2']}, lambda={metrics['lambda']})" \
         if metrics.get("rerank") else ""
-    return f"{head}\n{row}\n{foot}{extra}"
+    if metrics.get("protocol"):
+        extra += f"   protocol: {metrics['protocol']}"
+    from partreid.common.calibration import format_verification
+
+    ver = format_verification(metrics["verification"]) if metrics.get("verification") else ""
+    return f"{head}\n{row}\n{foot}{extra}" + (f"\n{ver}" if ver else "")
 
 
 def image_refs(attrs: dict, paths) -> list:
@@ -81,43 +89,68 @@ def image_refs(attrs: dict, paths) -> list:
 
 
 def evaluate_arrays(qf, gf, q_pids, g_pids, q_camids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
-                    lambda_value: float = 0.3, protocol: str = "market", metric: str = "euclidean") -> dict:
+                    lambda_value: float = 0.3, protocol: str = "market", metric: str = "euclidean",
+                    q_self=None, verification: bool = False, threshold=None) -> dict:
     """:func:`partreid.common.retrieval.evaluation.evaluate_rank` of query against gallery features, with
     ``rerank`` on the k-reciprocal re-ranked distances (Zhong et al. CVPR 2017, Eq. 12; TransReID
-    ``utils/reranking.py`` ``re_ranking``), whose parameters are then recorded in the dict.
+    ``utils/reranking.py`` ``re_ranking``), whose parameters are then recorded in the dict. ``q_self``,
+    ``verification`` and ``threshold``: see ``evaluate_rank`` (a threshold applies to plain distances only).
 
     Raises:
-        InputError: see ``evaluate_rank``; re-ranking with a metric other than ``'euclidean'``.
+        InputError: see ``evaluate_rank``; re-ranking with a metric other than ``'euclidean'`` or a threshold.
     """
     if not rerank:
         return evaluate_rank(None, q_pids, g_pids, q_camids, g_camids, qf=qf, gf=gf, metric=metric,
-                             protocol=protocol)
+                             protocol=protocol, q_self=q_self, verification=verification, threshold=threshold)
     if metric != "euclidean":
         raise InputError("re-ranking uses the squared Euclidean distance; use --metric euclidean")
+    if threshold is not None:
+        raise InputError("a distance threshold applies to plain distances, not to re-ranked ones; drop --rerank")
     # the re-ranking code (and its sparse-matrix dependencies) loads only for --rerank
     from partreid.common.retrieval.reranking import reranked_distance_chunks
 
     chunks = reranked_distance_chunks(np.ascontiguousarray(qf, np.float32), np.ascontiguousarray(gf, np.float32),
                                       k1, k2, lambda_value, None)
-    metrics = evaluate_rank(chunks, q_pids, g_pids, q_camids, g_camids, protocol=protocol)
+    metrics = evaluate_rank(chunks, q_pids, g_pids, q_camids, g_camids, protocol=protocol, q_self=q_self)
     metrics.update({"rerank": True, "k1": int(k1), "k2": int(k2), "lambda": float(lambda_value)})
     return metrics
 
 
 def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                   protocol: str = "market", metric: str = "euclidean", show_ranks: int = 0,
-                   out_dir=None) -> dict:
+                   protocol: str = "auto", metric: str = "euclidean", show_ranks: int = 0,
+                   out_dir=None, verification: bool = True, threshold_file=None, split_query: int = 0,
+                   seed: int = 0) -> dict:
     """Evaluate a query features file against a gallery features file (``evaluate --query --gallery``).
 
+    Args:
+        query, gallery: features files. With ``split_query`` = K > 0, ``gallery`` may be None: the query file
+            is one labelled set, split into K seeded queries per identity and the rest as gallery
+            (:func:`partreid.common.retrieval.evaluation.split_query`).
+        protocol: ``auto`` (``no-camera`` when every camid is -1, else ``market``), ``market``, ``cuhk03`` or
+            ``no-camera`` (the query's own image, same absolute path, is the only junk entry).
+        verification: also report TPR at FMR 1e-2/1e-3 (genuine = same pid, impostor = different pid).
+        threshold_file: a ``calibrate`` result; adds the FMR and TPR that its threshold really gives.
+
     Returns:
-        the dict of :func:`partreid.common.retrieval.evaluation.evaluate_rank`; with ``show_ranks`` > 0 also
-        ``ranked_lists``, the paths of the ranked-list pictures written under ``out_dir``.
+        the dict of :func:`partreid.common.retrieval.evaluation.evaluate_rank` (with ``protocol`` and
+        ``verification``); with ``show_ranks`` > 0 also ``ranked_lists``, the paths of the ranked-list pictures
+        written under ``out_dir``.
 
     Raises:
-        InputError: unreadable files, or feature widths that differ.
+        InputError: unreadable files, feature widths that differ, or a threshold file for another metric.
     """
+    from partreid.common.retrieval.evaluation import self_indices
+
     q = read_features(query, parts=False)
-    g = read_features(gallery, parts=False)
+    if split_query:
+        from partreid.common.retrieval.evaluation import split_query as split_rows
+
+        q_rows, g_rows = split_rows(q.pid, split_query, seed=seed)
+        g = subset_features(q, g_rows) if gallery is None else read_features(gallery, parts=False)
+        q = subset_features(q, q_rows)
+        log.info("--split-query %d: %d queries, %d gallery images", split_query, len(q), len(g))
+    else:
+        g = read_features(gallery, parts=False)
     if q.global_feats.shape[1] != g.global_feats.shape[1]:
         raise InputError(f"{query} has D={q.global_feats.shape[1]} but {gallery} has D={g.global_feats.shape[1]}")
     if q.attrs.get("model_sha256") != g.attrs.get("model_sha256"):
@@ -128,11 +161,35 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
     if tied > 0.05:
         log.warning("%.0f%% of the gallery distances tie exactly (identical gallery features?); ties are ranked by "
                     "gallery row order (stable sort), so these metrics depend on that order", 100 * tied)
+    threshold = None
+    if threshold_file:
+        from partreid.common.calibration import read_threshold
+
+        cal = read_threshold(threshold_file, metric=metric, model_sha256=g.attrs.get("model_sha256"))
+        threshold = cal["threshold"]
+    q_self = self_indices(_abs_paths(q), _abs_paths(g))
     metrics = evaluate_arrays(q.global_feats, g.global_feats, q.pid, g.pid, q.camid, g.camid, rerank=rerank, k1=k1,
-                              k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric)
+                              k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric, q_self=q_self,
+                              verification=verification and not rerank, threshold=threshold)
     if show_ranks:
         metrics["ranked_lists"] = [str(p) for p in save_rank_pictures(q, g, show_ranks, out_dir, metric=metric)]
     return metrics
+
+
+def _abs_paths(feats) -> list:
+    """Absolute image paths of a features file's rows (dataset root + relative path): the image identity used
+    by the no-camera protocol."""
+    root = str(feats.attrs.get("dataset_root", ""))
+    return [str(Path(root) / p) if root else str(p) for p in feats.path]
+
+
+def subset_features(feats, rows):
+    """The rows ``rows`` (int array) of a :class:`partreid.common.h5io.FeaturesFile`, as a new one."""
+    import dataclasses
+
+    return dataclasses.replace(feats, global_feats=feats.global_feats[rows],
+                               parts=None if feats.parts is None else feats.parts[rows], path=feats.path[rows],
+                               pid=feats.pid[rows], camid=feats.camid[rows])
 
 
 def save_rank_pictures(q, g, n: int, out_dir, metric: str = "euclidean", topk: int = 10):
@@ -161,7 +218,13 @@ def evaluate_checkpoint(checkpoint: str, spec: str, *, fusion: str = "auto", nec
     """
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="partreid-eval-"))
     files = {}
-    for split in ("query", "gallery"):
+    if eval_kwargs.get("split_query"):
+        # one labelled set: extract it once, then split it into queries and gallery
+        files["query"] = extract_features(checkpoint, spec, work / "all.h5", split=None, fusion=fusion, neck=neck,
+                                          flip=flip, arch=arch, image_size=image_size, batch_size=batch_size,
+                                          workers=workers, device=device, parts=False)
+        files["gallery"] = None
+    for split in () if files else ("query", "gallery"):
         files[split] = extract_features(checkpoint, spec, work / f"{split}.h5", split=split, fusion=fusion, neck=neck,
                                         flip=flip, arch=arch, image_size=image_size, batch_size=batch_size,
                                         workers=workers, device=device, parts=False, verbose=split == "query")

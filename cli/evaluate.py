@@ -17,6 +17,8 @@ Examples:
   evaluate --checkpoint finetune/last.pth --data market1501:/data/Market-1501-v15.09.15
   extract-features -c ckpt.pth -d market1501:/data/M --split query --out q.h5 | evaluate --gallery g.h5
   evaluate --query q.h5 --gallery g.h5 --show-ranks 8 --out-dir ranks/
+  evaluate --query q.h5 --gallery g.h5 --threshold-file threshold.json   # real FMR/TPR of a calibrated threshold
+  evaluate --checkpoint model.onnx --data folder:my_crops --split-query 1   # one labelled folder, no cameras
 """)
 @click.option("--query", "-q", default=None, help="Query features file (read from stdin when omitted).")
 @click.option("--gallery", "-g", default=None, help="Gallery features file.")
@@ -26,8 +28,18 @@ Examples:
 @click.option("--k1", type=int, default=20, show_default=True)
 @click.option("--k2", type=int, default=6, show_default=True)
 @click.option("--lambda", "lambda_value", type=float, default=0.3, show_default=True)
-@click.option("--protocol", type=click.Choice(["market", "cuhk03"]), default="market", show_default=True,
-              help="market: drop same-pid same-camera gallery entries; cuhk03: single-gallery-shot CMC.")
+@click.option("--protocol", type=click.Choice(["auto", "market", "cuhk03", "no-camera"]), default="auto",
+              show_default=True,
+              help="market: drop same-pid same-camera gallery entries; cuhk03: single-gallery-shot CMC; "
+                   "no-camera: drop only the query's own image (same path). auto: no-camera when every camid "
+                   "is -1, else market. The table says which ran.")
+@click.option("--split-query", type=int, default=0,
+              help="Build query/gallery from ONE labelled set (--query file, or --data with --checkpoint): K "
+                   "queries per identity drawn with --seed, the rest is the gallery.")
+@click.option("--threshold-file", type=click.Path(dir_okay=False), default=None,
+              help="A `partreid calibrate` result: also report the FMR and TPR its threshold really gives.")
+@click.option("--no-verification", is_flag=True,
+              help="Skip the verification figures (TPR at FMR 1e-2 and 1e-3 over all query-gallery pairs).")
 @click.option("--metric", type=click.Choice(["euclidean", "cosine"]), default="euclidean", show_default=True,
               help="Squared Euclidean (the peers' convention) or cosine distance.")
 @click.option("--fusion", type=click.Choice(["auto", "cls", "cat", "mean"]), default="auto", show_default=True,
@@ -45,8 +57,9 @@ Examples:
               help="Folder for ranked-list pictures (and, with --checkpoint, the features files).")
 @common_options
 @guarded
-def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protocol, metric, fusion, neck, flip, arch,
-         image_size, batch_size, workers, out, show_ranks, out_dir, device, seed, verbose, debug):
+def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protocol, split_query, threshold_file,
+         no_verification, metric, fusion, neck, flip, arch, image_size, batch_size, workers, out, show_ranks, out_dir,
+         device, seed, verbose, debug):
     """Evaluate re-ID retrieval: mAP, CMC rank-1/5/10/20 and mINP (Market protocol by default).
 
     Takes --query/--gallery features files, or --checkpoint with --data to extract both splits itself.
@@ -58,13 +71,15 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     from partreid.common.fileio import atomic_path
 
     checkpoint = run_checkpoint(checkpoint)
-    if not checkpoint and gallery:
+    if not checkpoint and (gallery or split_query):
         query = read_input_path(query, "query features file")
-    guard_files(reads={"--query": query, "--gallery": gallery, "--checkpoint": checkpoint}, specs={"--data": spec},
+    guard_files(reads={"--query": query, "--gallery": gallery, "--checkpoint": checkpoint,
+                       "--threshold-file": threshold_file}, specs={"--data": spec},
                 writes={"--out": out}, out_dirs={"--out-dir": out_dir})
     seed_everything(seed, torch=bool(checkpoint))  # torch only when a network runs
     kwargs = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric,
-                  show_ranks=show_ranks)
+                  show_ranks=show_ranks, split_query=split_query, seed=seed or 0, threshold_file=threshold_file,
+                  verification=not no_verification)
     if checkpoint:
         if not spec:
             raise InputError("--checkpoint needs --data SPEC (a dataset with query and gallery splits)")
@@ -72,12 +87,13 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
                                       image_size=parse_size(image_size), batch_size=batch_size, workers=workers,
                                       device=resolve_device(device), out_dir=out_dir, **kwargs)
     else:
-        if not gallery:
-            raise InputError("give --gallery G.h5 (and --query Q.h5 or its path on stdin), or --checkpoint/--data")
+        if not gallery and not split_query:
+            raise InputError("give --gallery G.h5 (and --query Q.h5 or its path on stdin), or --checkpoint/--data, "
+                             "or --split-query K with one labelled --query file")
         metrics = evaluate_files(query, gallery, out_dir=out_dir, **kwargs)
     table = format_metrics_table(metrics)
     if out:
-        with atomic_path(out, inputs=(query, gallery)) as tmp:
+        with atomic_path(out, inputs=(query, gallery, threshold_file)) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         click.echo(table, err=True)
         emit_output(out)

@@ -22,6 +22,9 @@ COMMANDS = {
     "finetune": ("finetune", "PPLR unsupervised fine-tuning (PGLR + AALS), re-clustering every epoch."),
     "evaluate": ("evaluate", "mAP, CMC rank-k and mINP of query against gallery features."),
     "inspect-data": ("inspect_data", "Summarise a dataset spec, a features/labels file or a run folder."),
+    "export": ("export", "A checkpoint → ONNX or TorchScript, verified against torch on real crops."),
+    "search": ("search", "Rank a gallery for query crops or features → CSV (+ contact sheet), same-person decision."),
+    "calibrate": ("calibrate", "Same-person distance threshold at a target FMR, from refined pseudo-labels."),
 }
 
 

@@ -90,6 +90,8 @@ def compute_batch(loaded: LoadedModel, images: torch.Tensor, opts: FeatureOption
     def once(x):
         if loaded.kind == "reid":
             g, p = loaded.model.extract(x, neck=opts.neck)
+        elif loaded.kind == "onnx":                      # exported graph: features already fused
+            g, p = loaded.model(x)
         else:
             g, p = loaded.model(x)
             g = fuse_features(g, p, opts.fusion)
@@ -150,8 +152,9 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
         "dataset_fingerprint": getattr(ds, "fingerprint", ""), "split": split, "model_sha256": loaded.sha256,
         "model_source": loaded.source, "arch": loaded.arch, "image_size": list(loaded.image_size),
         "pixel_mean": list(loaded.pixel_mean), "pixel_std": list(loaded.pixel_std),
-        "fusion": loaded.meta.get("fusion", opts.fusion) if loaded.kind == "reid" else opts.fusion,
-        "neck": opts.neck if loaded.has_bnneck else "none", "flip": bool(opts.flip),
+        "fusion": loaded.meta.get("fusion", opts.fusion) if loaded.kind in ("reid", "onnx") else opts.fusion,
+        "neck": loaded.meta.get("neck", "none") if loaded.kind == "onnx" else opts.neck if loaded.has_bnneck
+        else "none", "flip": bool(opts.flip),
         "options": f"{opts}|{interpolation}", "command": command,
     }
     writer = None

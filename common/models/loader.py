@@ -10,7 +10,8 @@ Accepted (detected from the file's content, not its name):
 - timm ViT state dicts (part tokens initialised from [CLS]);
 - torchvision ResNet-50 state dicts, giving PPLR's part model (last stride 1, 3 horizontal stripes);
 - ``random:ARCH`` (e.g. ``random:vit_tiny``, ``random:resnet50``): a randomly initialised model, seeded by
-  ``torch.manual_seed``, for baselines and tests.
+  ``torch.manual_seed``, for baselines and tests;
+- ``partreid export`` ONNX files (``.onnx``), run by onnxruntime (:mod:`partreid.common.models.onnx_backend`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class LoadedModel:
 
     Attributes:
         model: the backbone (``forward(x) -> (g (B,D), parts (B,P,D))``) or a ``ReIDModel`` (``extract``).
-        kind: ``"vit"``, ``"resnet"`` or ``"reid"`` (a fine-tuned model with BNNecks).
+        kind: ``"vit"``, ``"resnet"``, ``"reid"`` (a fine-tuned model with BNNecks) or ``"onnx"`` (an exported
+            model: ``model(x)`` returns the final features; fusion and neck are in ``meta``).
         arch: e.g. ``"vit_small"``, ``"resnet50"``.
         image_size: (H, W) input size in pixels.
         pixel_mean, pixel_std: normalisation the checkpoint was trained with (RGB, 0-1 scale).
@@ -106,6 +108,10 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
     path = Path(checkpoint)
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint")
+    if path.suffix.lower() == ".onnx":  # a `partreid export` file, run by onnxruntime
+        from partreid.common.models.onnx_backend import load_onnx_model
+
+        return load_onnx_model(path)
     sha = sha256_file(path)
     obj = read_checkpoint(path)
     if not isinstance(obj, dict):

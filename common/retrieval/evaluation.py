@@ -49,11 +49,30 @@ and the repetition adds ``1/sgs_repeats`` to the CMC histogram at that rank (ope
 The draws come from ``numpy.random.default_rng(seed)`` consumed in query order, so results are reproducible
 and independent of the chunk size. (open-reid draws from numpy's global state with ``np.random.choice``;
 the sampling law is the same, the random stream is not.)
+
+No-camera protocol (``protocol='no-camera'``)
+---------------------------------------------
+For data without camera labels (camid −1, e.g. a user's own single-camera footage): the only junk entry of a
+query is its own image in the gallery (given as ``q_self``, the gallery index of the query's image, −1 when
+the query's image is not in the gallery). Every other same-pid entry is a positive, whatever its camera; AP,
+CMC and mINP are then defined as above. :func:`choose_protocol` picks it when every camid is −1.
+
+Verification figures (``verification=True``)
+--------------------------------------------
+Every (query, gallery) pair that is not junk under the protocol is a *genuine* pair (same pid) or an
+*impostor* pair (different pids; distractor pid 0 included), including the pairs of queries without a
+positive. A pair is declared "same person" when its distance is ``<= threshold``. Then
+``FMR(t) = #{impostor d <= t} / #impostors`` and ``TPR(t) = #{genuine d <= t} / #genuine``. ``TPR at FMR f``
+uses the threshold ``t_f`` = the ``k``-th smallest impostor distance with ``k = floor(f · #impostors)``
+(the largest threshold of the form "just below an impostor distance" whose FMR is ≤ f; ``t_f`` is the
+midpoint between that impostor distance and the one before it, or that distance minus one ulp when ``k``
+is 0). Exact and in bounded memory: all genuine distances are kept (their number is the number of
+positives), and of the impostors only the ``floor(max f · #impostors) + 1`` smallest.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,7 +86,17 @@ __all__ = [
     "evaluate_rank",
     "topk_per_query",
     "default_chunk_size",
+    "choose_protocol",
+    "self_indices",
+    "split_query",
+    "verification_at_threshold",
+    "PROTOCOLS",
 ]
+
+#: Evaluation protocols (see the module docstring).
+PROTOCOLS = ("market", "cuhk03", "no-camera")
+#: False-match rates at which ``verification=True`` reports the TPR.
+VERIFICATION_FMRS = (1e-2, 1e-3)
 
 #: Target size in bytes of one float32 distance chunk when ``chunk_size`` is not given.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -277,9 +306,107 @@ class _GalleryIndex:
         return self.order[s:s + n], self.cams[s:s + n]
 
 
+def same_person(dist, threshold: float) -> np.ndarray:
+    """The verification decision: ``dist <= threshold``, compared in float64 (so that a float32 distance and a
+    threshold stored in JSON compare the same way everywhere). Returns a bool array of ``dist``'s shape."""
+    return np.asarray(dist, dtype=np.float64) <= float(threshold)
+
+
+def threshold_at_fmr(impostors_sorted: np.ndarray, num_impostors: int, fmr: float) -> Tuple[float, int]:
+    """The largest "just below an impostor distance" threshold whose false-match rate is ``<= fmr``.
+
+    Args:
+        impostors_sorted: float (M,) the M smallest impostor distances, ascending; M must exceed
+            ``floor(fmr · num_impostors)``.
+        num_impostors: total number of impostor pairs (≥ 1).
+        fmr: target false-match rate in (0, 1].
+
+    Returns:
+        ``(threshold, matches)``: the threshold (float64; midpoint between the last accepted impostor distance
+        and the first rejected one, or one float32 ulp below the smallest impostor distance) and the number of
+        impostor distances ``<= threshold`` (so the achieved FMR is ``matches / num_impostors``).
+
+    Raises:
+        InputError: fmr outside (0, 1], no impostors, or too few values given.
+    """
+    if not 0 < float(fmr) <= 1:
+        raise InputError(f"target FMR must be in (0, 1], got {fmr}")
+    if num_impostors < 1:
+        raise InputError("no impostor pairs: cannot set a threshold at a false-match rate")
+    imp = np.asarray(impostors_sorted, dtype=np.float64)
+    k = int(np.floor(float(fmr) * num_impostors + 1e-9))
+    if k >= num_impostors:
+        return float(imp[-1]) if len(imp) else float("inf"), num_impostors
+    if len(imp) <= k:
+        raise InputError(f"threshold_at_fmr needs the {k + 1} smallest impostor distances, got {len(imp)}")
+    first_rejected = imp[k]
+    j = int(np.searchsorted(imp, first_rejected, side="left"))     # impostors strictly below it
+    if j == 0:
+        return float(np.nextafter(np.float32(first_rejected), np.float32(-np.inf))), 0
+    return float((imp[j - 1] + first_rejected) / 2.0), j
+
+
+class _Verification:
+    """Streaming genuine/impostor statistics of the evaluation pairs (module docstring, "Verification")."""
+
+    def __init__(self, num_impostors: int, fmrs: Sequence[float], threshold: Optional[float]):
+        self.num_impostors = int(num_impostors)
+        self.fmrs = tuple(float(f) for f in fmrs)
+        self.keep = int(np.floor(max(self.fmrs, default=0.0) * self.num_impostors + 1e-9)) + 1
+        self.threshold = threshold
+        self.genuine: list = []
+        self.smallest = np.zeros(0, np.float32)
+        self.pending: list = []
+        self.pending_n = 0
+        self.imp_seen = 0
+        self.imp_below = 0
+
+    def add(self, genuine: np.ndarray, impostors: np.ndarray) -> None:
+        self.genuine.append(np.asarray(genuine, np.float32))
+        self.imp_seen += len(impostors)
+        if self.threshold is not None:
+            self.imp_below += int(np.count_nonzero(same_person(impostors, self.threshold)))
+        if len(impostors) > self.keep:
+            impostors = np.partition(impostors, self.keep - 1)[:self.keep]
+        self.pending.append(np.asarray(impostors, np.float32))
+        self.pending_n += len(impostors)
+        if self.pending_n > 4 * self.keep + 65536:
+            self._compact()
+
+    def _compact(self) -> None:
+        allv = np.concatenate([self.smallest] + self.pending)
+        if len(allv) > self.keep:
+            allv = np.partition(allv, self.keep - 1)[:self.keep]
+        self.smallest, self.pending, self.pending_n = allv, [], 0
+
+    def result(self) -> Dict[str, object]:
+        self._compact()
+        gen = np.concatenate(self.genuine) if self.genuine else np.zeros(0, np.float32)
+        n_imp, n_gen = self.imp_seen, len(gen)
+        out: Dict[str, object] = {"num_genuine": int(n_gen), "num_impostor": int(n_imp)}
+        imp = np.sort(self.smallest)
+        for f in self.fmrs:
+            key = f"{f:g}"
+            if n_imp == 0 or n_gen == 0:
+                out[f"tpr@fmr={key}"] = float("nan")
+                out[f"threshold@fmr={key}"] = float("nan")
+                continue
+            thr, _ = threshold_at_fmr(imp, n_imp, f)
+            out[f"tpr@fmr={key}"] = float(np.count_nonzero(same_person(gen, thr))) / n_gen
+            out[f"threshold@fmr={key}"] = thr
+        if self.threshold is not None:
+            out["threshold"] = float(self.threshold)
+            out["fmr@threshold"] = self.imp_below / n_imp if n_imp else float("nan")
+            out["tpr@threshold"] = (float(np.count_nonzero(same_person(gen, self.threshold))) / n_gen
+                                    if n_gen else float("nan"))
+        return out
+
+
 def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_camids, g_pids, g_camids, *,
                        max_rank: int = 50, protocol: str = "market", sgs_repeats: int = 10,
-                       seed: int = 0) -> Dict[str, object]:
+                       seed: int = 0, q_self=None, verification: bool = False,
+                       threshold: Optional[float] = None,
+                       fmrs: Sequence[float] = VERIFICATION_FMRS) -> Dict[str, object]:
     """mAP, CMC and mINP from a stream of query-row distance blocks (see the module docstring).
 
     Args:
@@ -289,13 +416,22 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
         q_pids, q_camids: int (Q,) query pid and camid.
         g_pids, g_camids: int (G,) gallery pid and camid (pid 0 = distractor, kept as a negative).
         max_rank: length of the returned ``cmc`` curve (≥ 1). rank1…rank20 do not depend on it.
-        protocol: ``'market'`` or ``'cuhk03'`` (single-gallery-shot CMC; see the module docstring).
+        protocol: ``'market'``, ``'cuhk03'`` (single-gallery-shot CMC) or ``'no-camera'`` (only the query's
+            own image is junk); see the module docstring.
         sgs_repeats: repetitions of the CUHK03 single-gallery-shot draw (open-reid: 10).
         seed: seed of the CUHK03 draws.
+        q_self: int (Q,) gallery index of each query's own image, −1 when absent (see :func:`self_indices`);
+            used by ``'no-camera'`` only (default: no query image in the gallery).
+        verification: also compute the verification figures (module docstring): ``verification`` holds
+            ``num_genuine``, ``num_impostor``, ``tpr@fmr=F`` and ``threshold@fmr=F`` for F in ``fmrs``.
+        threshold: a distance threshold (same person when ``d <= threshold``); adds ``fmr@threshold`` and
+            ``tpr@threshold`` to ``verification`` (implies ``verification``).
+        fmrs: the false-match rates of the ``tpr@fmr`` figures.
 
     Returns:
         dict with ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``rank20`` (floats, fractions in
-        [0, 1]), ``cmc`` (float64 (max_rank,)), ``num_query``, ``num_valid_query``, ``num_gallery`` (ints).
+        [0, 1]), ``cmc`` (float64 (max_rank,)), ``num_query``, ``num_valid_query``, ``num_gallery`` (ints),
+        ``protocol`` (str) and, with ``verification``/``threshold``, ``verification`` (dict).
 
     Algorithm: per query, the positives are sorted by the exact int64 key ``(float32 distance bits mapped to
     an order-preserving int) << 32 | gallery index``; only the negatives at distance ≤ the hardest positive
@@ -307,8 +443,8 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
         InputError: label arrays of the wrong shape/length, malformed or NaN distance blocks, unknown
             protocol, max_rank < 1, sgs_repeats < 1, or no query with a positive in the gallery.
     """
-    if protocol not in ("market", "cuhk03"):
-        raise InputError(f"unknown protocol {protocol!r}; expected 'market' or 'cuhk03'")
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if int(max_rank) < 1:
         raise InputError(f"max_rank must be >= 1, got {max_rank}")
     if int(sgs_repeats) < 1:
@@ -322,6 +458,17 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
     gallery = _GalleryIndex(gp, gc)
     q_group = np.array([gallery.group_of(p) for p in np.unique(qp)], dtype=np.int64)
     q_group = q_group[np.searchsorted(np.unique(qp), qp)]
+
+    no_cam = protocol == "no-camera"
+    if q_self is None:
+        q_self = np.full(num_query, -1, np.int64)
+    q_self = np.asarray(q_self, dtype=np.int64)
+    if q_self.shape != (num_query,) or (q_self >= num_gallery).any():
+        raise InputError(f"q_self must be {num_query} gallery indices (or -1), got shape {q_self.shape}")
+    verify = None
+    if verification or threshold is not None:
+        same = np.where(q_group >= 0, gallery.counts[np.maximum(q_group, 0)], 0)
+        verify = _Verification(int(num_gallery * num_query - same.sum()), fmrs, threshold)
 
     cuhk = protocol == "cuhk03"
     if cuhk:
@@ -338,15 +485,20 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
         for r in range(dist.shape[0]):
             i = start + r
             grp = q_group[i]
+            d = dist[r]
             if grp < 0:
-                continue
-            members, mcams = gallery.members(grp)
-            pos = members[mcams != qc[i]]
+                members = mcams = np.zeros(0, np.int64)
+            else:
+                members, mcams = gallery.members(grp)
+            pos = members[members != q_self[i]] if no_cam else members[mcams != qc[i]]
+            if verify is not None:
+                imp_mask = np.ones(num_gallery, bool)
+                imp_mask[members] = False
+                verify.add(d[pos], d[imp_mask])
             npos = len(pos)
             if npos == 0:
                 continue
             num_valid += 1
-            d = dist[r]
             pd = d[pos]
             pos_keys = _keys(pd, pos)
             pos_keys.sort()
@@ -377,8 +529,11 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
                 np.add.at(sgs_hist, rank, 1.0 / int(sgs_repeats))
 
     if num_valid == 0:
-        raise InputError(f"none of the {num_query} queries has a positive (same pid, other camera) "
-                         "in the gallery; are query and gallery from the same dataset?")
+        what = "same pid, not the query's own image" if no_cam else "same pid, other camera"
+        hint = ("" if no_cam or not (np.all(qc == -1) and np.all(gc == -1)) else
+                " (all camids are -1: use protocol 'no-camera')")
+        raise InputError(f"none of the {num_query} queries has a positive ({what}) "
+                         f"in the gallery; are query and gallery from the same dataset?{hint}")
 
     if cuhk:
         hist = sgs_hist
@@ -401,12 +556,15 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
         "num_query": int(num_query),
         "num_valid_query": int(num_valid),
         "num_gallery": int(num_gallery),
+        "protocol": protocol,
+        **({"verification": verify.result()} if verify is not None else {}),
     }
 
 
 def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str = "euclidean",
                       chunk_size: Optional[int] = None, protocol: str = "market", max_rank: int = 50,
-                      sgs_repeats: int = 10, seed: int = 0) -> Dict[str, object]:
+                      sgs_repeats: int = 10, seed: int = 0, q_self=None, verification: bool = False,
+                      threshold: Optional[float] = None) -> Dict[str, object]:
     """Evaluate query features against gallery features (open-reid ``evaluation_metrics/ranking.py``,
     TransReID ``utils/metrics.py`` ``R1_mAP_eval``).
 
@@ -416,7 +574,8 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
         q_pids, q_camids, g_pids, g_camids: int label arrays, (Q,) and (G,).
         metric: ``'euclidean'`` (squared, the peers' convention) or ``'cosine'``; see :func:`distance_chunks`.
         chunk_size: query rows per distance block (memory bound); default :func:`default_chunk_size`.
-        protocol, max_rank, sgs_repeats, seed: see :func:`evaluate_distances`.
+        protocol, max_rank, sgs_repeats, seed, q_self, verification, threshold: see
+            :func:`evaluate_distances` (``protocol='auto'``: see :func:`choose_protocol`).
 
     Re-ranking: pass the blocks of ``partreid.common.retrieval.reranking.reranked_distance_chunks`` to
     :func:`evaluate_distances` (or to :func:`evaluate_rank` as ``distmat``); this module does not depend on it.
@@ -436,12 +595,14 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
     if len(gp) != g.shape[0]:
         raise InputError(f"{g.shape[0]} gallery features but {len(gp)} gallery labels")
     return evaluate_distances(_checked_distance_iter(q, g, metric, chunk_size), qp, qc, gp, gc, max_rank=max_rank,
-                              protocol=protocol, sgs_repeats=sgs_repeats, seed=seed)
+                              protocol=choose_protocol(protocol, qc, gc), sgs_repeats=sgs_repeats, seed=seed,
+                              q_self=q_self, verification=verification, threshold=threshold)
 
 
 def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camids=None, *, qf=None, gf=None,
                   metric: str = "euclidean", protocol: str = "market", max_rank: int = 50,
-                  chunk_size: Optional[int] = None) -> Dict[str, object]:
+                  chunk_size: Optional[int] = None, q_self=None, verification: bool = False,
+                  threshold: Optional[float] = None) -> Dict[str, object]:
     """mAP, CMC and mINP of a retrieval on arrays: a distance matrix, or query and gallery features.
 
     The labels come in torchreid's ``metrics.evaluate_rank`` order (query pids, gallery pids, query camids,
@@ -458,14 +619,17 @@ def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camid
         qf, gf: float32 (Q, D) and (G, D) features, used when ``distmat`` is None; compared with ``metric``
             (``'euclidean'``: squared Euclidean, ``'cosine'``) one block of queries at a time, so a Q×G matrix
             is never held. Normalise them first when the recipe says so (``extract-features`` does).
-        protocol: ``'market'`` or ``'cuhk03'`` (single-gallery-shot CMC).
+        protocol: ``'market'``, ``'cuhk03'`` (single-gallery-shot CMC), ``'no-camera'`` (only the query's own
+            image, ``q_self``, is junk) or ``'auto'`` (:func:`choose_protocol`).
         max_rank: length of the CMC curve. chunk_size: query rows per distance block.
+        q_self, verification, threshold: see :func:`evaluate_distances` (verification figures: TPR at FMR
+            1e-2/1e-3 and, with ``threshold``, the FMR/TPR it gives, under the key ``verification``).
 
     Returns:
         dict: ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``rank20``, ``mINP`` (floats, fractions in [0, 1]),
         ``cmc`` (list of ``max_rank`` floats: ``cmc[k]`` = fraction of valid queries with a positive within the
         top k+1), ``num_query``, ``num_valid_query`` (queries with a positive in another camera),
-        ``num_gallery`` (ints). JSON-serialisable.
+        ``num_gallery`` (ints), ``protocol`` (str), ``verification`` (dict, when asked). JSON-serialisable.
 
     Raises:
         InputError: neither or both of ``distmat`` and features, shapes or lengths that disagree, NaN values,
@@ -485,14 +649,71 @@ def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camid
                 raise InputError(f"distmat must be 2-D (Q, G), got shape {d.shape}")
             distmat = [(0, d)]
         metrics = evaluate_distances(distmat, q_pids, q_camids, g_pids, g_camids, max_rank=max_rank,
-                                     protocol=protocol)
+                                     protocol=choose_protocol(protocol, q_camids, g_camids), q_self=q_self,
+                                     verification=verification, threshold=threshold)
     else:
         metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric,
-                                    chunk_size=chunk_size, protocol=protocol, max_rank=max_rank)
+                                    chunk_size=chunk_size, protocol=protocol, max_rank=max_rank, q_self=q_self,
+                                    verification=verification, threshold=threshold)
     out: Dict[str, object] = {k: float(metrics[k]) for k in ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")}
     out["cmc"] = [float(v) for v in metrics["cmc"]]
     out.update({k: int(metrics[k]) for k in ("num_query", "num_valid_query", "num_gallery")})
+    out["protocol"] = metrics["protocol"]
+    if "verification" in metrics:
+        out["verification"] = metrics["verification"]
     return out
+
+
+def choose_protocol(protocol: str, q_camids, g_camids) -> str:
+    """``'auto'`` → ``'no-camera'`` when every query and gallery camid is −1 (unknown), else ``'market'``;
+    any other value is returned unchanged."""
+    if protocol != "auto":
+        return protocol
+    unknown = bool(np.all(np.asarray(q_camids) == -1) and np.all(np.asarray(g_camids) == -1))
+    return "no-camera" if unknown else "market"
+
+
+def self_indices(q_keys: Sequence[str], g_keys: Sequence[str]) -> np.ndarray:
+    """For each query, the index of the gallery entry that is the same image (same key, e.g. the absolute
+    path), or −1. Returns int64 (Q,). When a key occurs several times in the gallery the first is used."""
+    first: Dict[str, int] = {}
+    for j, key in enumerate(g_keys):
+        first.setdefault(str(key), j)
+    return np.array([first.get(str(key), -1) for key in q_keys], dtype=np.int64)
+
+
+def split_query(pids, k: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Query/gallery split of one labelled set: ``k`` queries per identity, drawn with a seeded RNG.
+
+    An identity with ``n`` images gives ``min(k, n − 1)`` queries, so that at least one of its images stays in
+    the gallery; identities with a single image (and pid −1) go to the gallery only (as distractors).
+
+    Args:
+        pids: int (N,) person ids.
+        k: queries per identity (≥ 1).
+        seed: seed of ``numpy.random.default_rng``; the draw depends only on the pids and the seed.
+
+    Returns:
+        ``(query_rows, gallery_rows)``: two ascending int64 index arrays that partition ``0 … N−1``.
+
+    Raises:
+        InputError: k < 1, or no identity has two images.
+    """
+    if int(k) < 1:
+        raise InputError(f"--split-query needs K >= 1, got {k}")
+    pids = np.asarray(pids, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for pid in np.unique(pids):
+        rows = np.flatnonzero(pids == pid)
+        if pid == -1 or len(rows) < 2:
+            continue
+        chosen.append(rng.choice(rows, size=min(int(k), len(rows) - 1), replace=False))
+    if not chosen:
+        raise InputError("cannot split queries: no identity has two or more images")
+    q = np.sort(np.concatenate(chosen))
+    g = np.setdiff1d(np.arange(len(pids)), q)
+    return q, g
 
 
 def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_pids=None, q_camids=None,
