@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,116 +41,12 @@ from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
 from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
+from partreid.pplr_finetune.config import PRESETS, FinetuneConfig, resolve_bn_groups  # noqa: F401 - re-exported
+from partreid.pplr_finetune.transforms import train_transform
 
 log = logging.getLogger("partreid.finetune")
 
-#: hyper-parameter presets (reference-spec §C.2-C.5, §C.7 and §B.2)
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # PPLR (CVPR'22): Adam 3.5e-4, wd 5e-4, StepLR 20/0.1, 50 epochs x 400 iterations, batch 64 = 16 x 4.
-    "pplr": {},
-    # PPLR-CAM: + inter-camera proxy loss; eps 0.4 (Market; use --eps 0.6 and --lambda-cam 1.0 on MSMT17).
-    "pplr-cam": {"camera_aware": True, "eps": 0.4, "lambda_cam": 0.5},
-    # PPLR with SGD (momentum 0.9) instead of Adam.
-    "pplr-sgd": {"optimizer": "sgd"},
-    # PASS's own USL setting (PASS_cluster_contrast_reid, Market): cluster-contrast hard memory loss, SGD 3.5e-4,
-    # wd 5e-4, 50 epochs x 200 iterations, batch 256 = 32 x 8, eps 0.6, cat fusion, single neck, mean/std 0.5.
-    "pass-usl": {"loss": "cluster-contrast", "optimizer": "sgd", "iters": 200, "batch_size": 256,
-                 "num_instances": 8, "eps": 0.6, "fusion": "cat", "normalization": "half", "drop_path": 0.3},
-}
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a fine-tuning run needs; the defaults are PPLR's (reference-spec §C, §H)."""
-
-    checkpoint: str = ""
-    data: str = ""
-    arch: Optional[str] = None
-    fusion: str = "cat"
-    image_size: Optional[Tuple[int, int]] = None
-    normalization: str = "checkpoint"  # checkpoint | imagenet | half (mean/std 0.5, PASS's "--self-norm")
-    epochs: int = 50
-    iters: int = 400
-    batch_size: int = 64
-    num_instances: int = 4
-    optimizer: str = "adam"
-    lr: float = 3.5e-4
-    weight_decay: float = 5e-4
-    step_size: int = 20
-    gamma: float = 0.1
-    loss: str = "pplr"  # pplr | cluster-contrast
-    k1: int = 30
-    k2: int = 6
-    eps: float = 0.5
-    min_samples: int = 4
-    convention: str = "reference"
-    knn: str = "exact"
-    k: int = 20
-    beta: float = 0.5
-    aals_epoch: int = 5
-    label_smooth: float = 0.1
-    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (§C.4); "bnneck-input" = pre-BN (TransReID)
-    camera_aware: bool = False
-    lambda_cam: float = 0.5
-    cam_temperature: float = 0.07
-    cam_negatives: int = 50
-    memory_temperature: float = 0.05
-    memory_momentum: float = 0.2
-    drop_path: float = 0.0
-    bn_groups: int = 1
-    classifier_capacity: int = 0  # 0 = grow on demand (single process); set e.g. 3000 under DDP
-    eval_every: int = 5
-    eval_data: Optional[str] = None
-    workers: int = 2
-    seed: int = 1
-    device: str = "cpu"
-    amp: bool = True
-    labels: Optional[str] = None  # train the first epoch on these refined labels instead of clustering
-    keep_intermediate: Optional[str] = None
-    resume: bool = False
-    resnet_weights: Optional[str] = None
-    log_every: int = 20
-    progress: bool = True
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_preset(cls, preset: str = "pplr", **overrides) -> "FinetuneConfig":
-        """A config with the preset's values, then ``overrides`` (None values are ignored).
-
-        Raises:
-            InputError: unknown preset or option.
-        """
-        if preset not in PRESETS:
-            raise InputError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        values = dict(PRESETS[preset])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise InputError(f"unknown fine-tuning option(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
-
-
 # --------------------------------------------------------------------------------------------------- helpers
-def train_transform(image_size, mean, std):
-    """PPLR/TransReID train augmentation (§C.5): resize (bicubic), flip 0.5, zero-pad 10 + random crop, to tensor,
-    normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3, fill = ImageNet mean written into the
-    normalised tensor, as the reference does). torchvision draws the erasing aspect log-uniformly; the reference
-    draws it uniformly in (0.3, 1/0.3)."""
-    from torchvision import transforms as T
-
-    size = tuple(image_size)
-    return T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(0.5),
-        T.Pad(10),
-        T.RandomCrop(size),
-        T.ToTensor(),
-        T.Normalize(list(mean), list(std)),
-        T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=list(IMAGENET_MEAN)),
-    ])
-
-
 def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
     if cfg.normalization == "half":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -160,24 +55,34 @@ def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
     return tuple(loaded.pixel_mean), tuple(loaded.pixel_std)
 
 
-def build_model(cfg: FinetuneConfig):
-    """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone)."""
+def build_model(cfg: FinetuneConfig, bn_groups: int = 1):
+    """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone).
+
+    ``--arch resnet50`` starts from ImageNet weights as PPLR does: ``cfg.checkpoint`` (torchvision weights or a
+    fine-tuned model) or ``cfg.resnet_weights``; a random ResNet-50 only with ``cfg.random_init``.
+
+    Raises:
+        InputError: ``--arch resnet50`` without weights and without ``random_init``; bad checkpoint.
+    """
     from partreid.common.models.loader import load_model
     from partreid.common.models.reid import ReIDModel
 
     if cfg.arch == "resnet50" and (not cfg.checkpoint or cfg.checkpoint == "random:resnet50"):
+        if not cfg.resnet_weights and not cfg.random_init:
+            raise InputError("--arch resnet50 needs ImageNet weights: pass --resnet-weights FILE (torchvision "
+                             "resnet50 .pth, as PPLR starts from), or --random-init to train from scratch")
         loaded = load_model("random:resnet50", resnet_weights=cfg.resnet_weights, image_size=cfg.image_size)
     else:
         loaded = load_model(cfg.checkpoint, arch=cfg.arch if cfg.arch != "resnet50" else None,
                             image_size=cfg.image_size)
     if loaded.kind == "reid":  # continue from a fine-tuned model
         model = loaded.model
-        model.set_bn_groups(cfg.bn_groups)
+        model.set_bn_groups(bn_groups)
     else:
         fusion = "cls" if loaded.kind == "resnet" else cfg.fusion
         if cfg.drop_path and hasattr(loaded.model, "set_drop_path"):
             loaded.model.set_drop_path(cfg.drop_path)
-        model = ReIDModel(loaded.model, fusion=fusion, num_classes=cfg.classifier_capacity, bn_groups=cfg.bn_groups)
+        model = ReIDModel(loaded.model, fusion=fusion, num_classes=cfg.classifier_capacity, bn_groups=bn_groups)
     return model, loaded
 
 
@@ -190,7 +95,12 @@ class _Run:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.device = cfg.device
+        self.device = dist.resolve_device(cfg.device)
+        self.amp_dtype, use_scaler = dist.resolve_amp(cfg.amp, self.device)
+        if self.rank == 0:
+            log.info("precision: %s", "float32 (the published code's)" if self.amp_dtype is None else
+                     f"{str(self.amp_dtype).replace('torch.', '')} autocast" + (" with a GradScaler" if use_scaler
+                                                                               else ""))
         labels_file = None
         if cfg.labels:
             from partreid.common.h5io import read_labels
@@ -213,7 +123,10 @@ class _Run:
         splits = set(eval_ds.frame["split"])
         self.eval_ds = eval_ds if {"query", "gallery"} <= splits and (eval_ds.frame["pid"] >= 0).any() else None
 
-        self.model, self.loaded = build_model(cfg)
+        self.bn_groups, bn_line = resolve_bn_groups(cfg.bn_groups, cfg.batch_size, self.world, cfg.bn_batch)
+        if self.rank == 0:
+            log.info("%s", bn_line)
+        self.model, self.loaded = build_model(cfg, self.bn_groups)
         self.model.to(self.device)
         self.mean, self.std = _normalization(cfg, self.loaded)
         self.image_size = tuple(cfg.image_size or self.loaded.image_size)
@@ -223,7 +136,7 @@ class _Run:
                      "dataset_fingerprint": self.ds.fingerprint, "init_checkpoint": cfg.checkpoint}
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.current_labels: Optional[Dict[str, np.ndarray]] = None
@@ -242,9 +155,6 @@ class _Run:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         raise InputError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
-
-    def _amp_dtype(self):
-        return dist.amp_dtype(self.device) if self.cfg.amp else None
 
     def as_loaded(self, source: str):
         """The model being trained, wrapped for :mod:`common.extract` (BNNeck features, this run's input)."""
@@ -313,7 +223,7 @@ class _Run:
                                          epoch_dir / "features.h5",
                                          split="train", opts=FeatureOptions(neck="after", normalize=True),
                                          batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
-                                         device=self.device, progress=cfg.progress,
+                                         device=self.device, progress=cfg.progress, amp=cfg.amp,
                                          command=f"finetune epoch {epoch}: extract")
             self.model.train()
             refined = None
@@ -386,7 +296,6 @@ class _Run:
         seen = 0
         t0 = time.time()
         self.ddp_model.train()
-        amp_dtype = self._amp_dtype()
         from tqdm import tqdm
 
         bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", unit="it", leave=False,
@@ -398,7 +307,7 @@ class _Run:
             y = labels_t[idx].to(self.device)
             ca = agree_t[idx].to(self.device)
             cams = cam_t[idx].to(self.device)
-            with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else torch.autocast("cpu", enabled=False):
+            with dist.autocast(self.device, self.cfg.amp):
                 out = self.ddp_model(x)
             out = {k: v.float() for k, v in out.items()}
             terms = self.losses(epoch, out, y, ca, cams, memory, proxies, L)
@@ -461,7 +370,7 @@ class _Run:
             g, _, kept = extract_arrays(self.as_loaded("finetune"), self.eval_ds, frame,
                                         opts=FeatureOptions(neck="after", parts=False),
                                         batch_size=max(self.cfg.batch_size, 64), workers=self.cfg.workers,
-                                        device=self.device, progress=self.cfg.progress)
+                                        device=self.device, progress=self.cfg.progress, amp=self.cfg.amp)
             feats[split] = (g, frame["pid"].to_numpy()[kept], frame["camid"].to_numpy()[kept])
         self.model.train()
         (qf, qp, qc), (gf, gp, gc) = feats["query"], feats["gallery"]
