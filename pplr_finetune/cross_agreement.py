@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
+from partreid.pplr_finetune.config import FinetuneConfig as _C  # the defaults (PPLR's)
 from partreid.common.retrieval.search import exclude_self_columns, knn_search
 
 #: rows per block of the vectorised set intersection (bounds the temporary (rows, P, 2k) arrays)
@@ -86,7 +87,7 @@ def _unit_rows(x: np.ndarray, tol: float = 1e-4) -> np.ndarray:
     return (x / norms[:, None]).astype(np.float32)
 
 
-def cross_agreement_from_features(global_feats, parts, k: int = 20, global_knn=None, *, device: str = "auto",
+def cross_agreement_from_features(global_feats, parts, k: int = _C.k, global_knn=None, *, device: str = "auto",
                                   method: str = "exact", timings: Optional[Dict[str, float]] = None,
                                   ) -> np.ndarray:
     """Cross-agreement scores from features: exact top-k searches in the global and each part space.
@@ -189,7 +190,7 @@ def plot_agreement(agreement, out, bins: int = 21) -> Path:
     return out
 
 
-def refine_labels_file(labels_path, out, *, k: int = 20, plot=None, command: str = "",
+def refine_labels_file(labels_path, out, *, k: int = _C.k, plot=None, command: str = "",
                        device: str = "auto") -> Tuple[Path, str]:
     """The ``refine-labels`` command: labels file → the same labels plus ``agreement`` (N, P), and a report.
 

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
 from partreid.common.errors import InputError
+from partreid.pplr_finetune.config import FinetuneConfig as _C  # the defaults (PPLR's)
 from partreid.common.inspect import size_histogram  # noqa: F401 - re-exported: the cluster report uses it
 from partreid.common.retrieval.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
 from partreid.common.retrieval.search import knn_search
@@ -116,7 +117,7 @@ def _normalise_rows(x: np.ndarray, tol: float = 1e-4) -> np.ndarray:
     return (x / norms[:, None]).astype(np.float32)
 
 
-def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_samples: int = 4,
+def pseudo_labels(features, k1: int = _C.k1, k2: int = _C.k2, eps: float = _C.eps, min_samples: int = _C.min_samples,
                   convention: str = "reference", knn: str = "exact", *, max_distance: Optional[float] = None,
                   device: str = "auto", search_options: Optional[dict] = None,
                   n_jobs: Optional[int] = None) -> ClusterResult:
@@ -323,8 +324,8 @@ def cluster_report(result: ClusterResult, pids=None, sweep_table=None) -> str:
     return "\n".join(lines)
 
 
-def cluster_features_file(features_path, out, *, k1: int = 30, k2: int = 6, eps: float = 0.6,
-                          min_samples: int = 4, convention: str = "reference", knn: str = "exact",
+def cluster_features_file(features_path, out, *, k1: int = _C.k1, k2: int = _C.k2, eps: float = _C.eps,
+                          min_samples: int = _C.min_samples, convention: str = _C.convention, knn: str = _C.knn,
                           sweep: Optional[Sequence[float]] = None, command: str = "",
                           device: str = "auto") -> Tuple[Path, str]:
     """The ``cluster`` command: features file → labels file (with ``knn``) and a report.
