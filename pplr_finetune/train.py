@@ -326,7 +326,7 @@ class _Run:
                 bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"img/s": f"{rate:.1f}"})
         bar.close()
         means = {k: v / max(seen, 1) for k, v in sums.items()}
-        means.update({"clusters": num_clusters, "outliers": int((~keep).sum()),
+        means.update({"steps": seen, "clusters": num_clusters, "outliers": int((~keep).sum()),
                       "agreement_mean": float(np.asarray(pl["agreement"])[keep].mean()),
                       "lr": float(self.optimizer.param_groups[0]["lr"]),
                       "images_per_s": seen * cfg.batch_size / max(time.time() - t0, 1e-9)})
