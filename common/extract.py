@@ -210,7 +210,8 @@ def _assemble(start, stop, rows_g, rows_p, got, dim, parts_shape, world):
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (g, p, idx))
         g = np.concatenate([x[0] for x in gathered])
-        p = None if gathered[0][1] is None else np.concatenate([x[1] for x in gathered])
+        got_p = [x[1] for x in gathered if x[1] is not None]  # a rank without rows this chunk sends None
+        p = np.concatenate(got_p) if got_p else None
         idx = np.concatenate([x[2] for x in gathered])
     count = stop - start
     out_g = np.zeros((count, dim), np.float32)

@@ -86,6 +86,64 @@ def build_model(cfg: FinetuneConfig, bn_groups: int = 1):
     return model, loaded
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """Items ``(row, seed)`` → ``images[row]`` drawn under torch's CPU RNG seeded with ``seed`` (restored after).
+
+    The train augmentation of a batch then depends only on (seed, epoch, iteration, position in the global batch),
+    not on the number of data-loader workers or of processes: one process and ``torchrun`` draw the same crops,
+    flips and erasing boxes.
+    """
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        row, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.images[int(row)]
+
+
+class SeededBatches(torch.utils.data.Sampler):
+    """Wrap a :class:`PKSampler`: each index becomes ``(row, seed)`` with a seed from (base, epoch, global
+    iteration, position in the global batch)."""
+
+    def __init__(self, sampler, seed: int, epoch: int):
+        self.sampler, self.seed, self.epoch = sampler, int(seed), int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        offset = self.sampler.rank * (self.sampler.batch_size // self.sampler.world_size)
+        for it, batch in enumerate(self.sampler, start=self.sampler.start_iter):
+            seeds = np.random.SeedSequence([self.seed, self.epoch, it]).generate_state(self.sampler.batch_size)
+            yield [(row, int(seeds[offset + j])) for j, row in enumerate(batch)]
+
+
+def gather_batch(out: Dict[str, torch.Tensor], *tensors: torch.Tensor):
+    """Under DDP: every rank's outputs and labels concatenated in rank order (the global batch, as
+    nn.DataParallel gathers it), so the losses (batch-hard triplet, memory update, PGLR) see the whole batch.
+
+    Outputs keep their gradient (``torch.distributed.nn.functional.all_gather``; its backward sums the gradients
+    of all ranks, and DDP's averaging then gives the gradient of the global-batch loss). A no-op in one process.
+    """
+    if dist.world_size() == 1:
+        return (out,) + tensors
+    from torch.distributed.nn.functional import all_gather as all_gather_grad
+
+    out = {k: torch.cat(all_gather_grad(v.contiguous()), dim=0) for k, v in out.items()}
+    gathered = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.world_size())]
+        torch.distributed.all_gather(parts, t.contiguous())
+        gathered.append(torch.cat(parts, dim=0))
+    return (out,) + tuple(gathered)
+
+
 class _Run:
     """State of one fine-tuning run (kept in one object so the epoch steps read top to bottom)."""
 
@@ -287,7 +345,8 @@ class _Run:
         sampler = PKSampler(labels, pl["camid"], num_instances=cfg.num_instances, batch_size=cfg.batch_size,
                             num_iters=cfg.iters, seed=cfg.seed, rank=self.rank, world_size=self.world)
         sampler.set_epoch(epoch)
-        loader = DataLoader(images, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_skip_none,
+        loader = DataLoader(SeededItems(images), batch_sampler=SeededBatches(sampler, cfg.seed, epoch),
+                            num_workers=cfg.workers, collate_fn=collate_skip_none,
                             pin_memory=self.device.startswith("cuda"), persistent_workers=False)
         labels_t = torch.as_tensor(labels)
         agree_t = torch.as_tensor(np.asarray(pl["agreement"], dtype=np.float32))
@@ -310,6 +369,7 @@ class _Run:
             with dist.autocast(self.device, self.cfg.amp):
                 out = self.ddp_model(x)
             out = {k: v.float() for k, v in out.items()}
+            out, y, ca, cams = gather_batch(out, y, ca, cams)
             terms = self.losses(epoch, out, y, ca, cams, memory, proxies, L)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
