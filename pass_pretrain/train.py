@@ -23,7 +23,6 @@ Reproducibility and resume
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 

@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from partreid.common import distributed as dist
