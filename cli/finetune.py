@@ -6,6 +6,7 @@ from partreid.cli._common import common_options, emit_output, guarded, resolve_d
 from partreid.cli.extract_features import parse_size
 from partreid.common.precision import AMP_MODES
 from partreid.pplr_finetune.config import PRESETS, describe_default as _d  # torch-free: the library's defaults
+from partreid.common.models.archs import ARCHS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -29,7 +30,8 @@ Examples:
               help="Hyper-parameter preset = a published setting (pplr: PPLR on Market-1501 and MSMT17; pplr-cam / "
                    "pplr-cam-msmt: PPLR-CAM; pass-usl / pass-usl-msmt: PASS's cluster-contrast USL scripts; "
                    "pplr-sgd: PPLR with SGD). Options below override it.")
-@click.option("--arch", default=None, help="vit_tiny/vit_small/vit_base (detected from the checkpoint) or resnet50.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
+              help="Backbone; a ViT size is detected from the checkpoint.")
 @click.option("--fusion", type=click.Choice(["cat", "mean"]), default=None, help=f"Global = CLS fused with mean PART "
                                                                                f"[default: {_d('fusion')}].")
 @click.option("--image-size", default=None, help="HxW pixels [default: the backbone's: 256x128 ViT, 384x128 ResNet].")
@@ -114,8 +116,14 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
         classifier_capacity=classifier_capacity, eval_every=eval_every, eval_data=eval_data, labels=labels_file,
         keep_intermediate=keep_intermediate, resnet_weights=resnet_weights, workers=workers, amp=amp,
         resume=resume, seed=seed, device=device, progress=not quiet)
-    path = finetune(cfg, out, plot=plot)
+    path = finetune(cfg, out)
     from partreid.common.distributed import is_main_process
 
     if is_main_process():
+        if plot:
+            from pathlib import Path
+
+            from partreid.cli._plots import plot_history
+
+            click.echo(f"curves: {plot_history(Path(out) / 'metrics.csv', Path(out) / 'metrics.png')}", err=True)
         emit_output(path)

@@ -10,6 +10,7 @@ from partreid.pass_pretrain.config import CLIP_MODES, PassConfig as _C  # torch-
 
 def _size(hw) -> str:
     return f"{hw[0]}x{hw[1]}"
+from partreid.common.models.archs import VIT_ARCHS
 
 
 class _TrainOrExport(click.Group):
@@ -35,7 +36,7 @@ Examples:
 @click.option("--data", "-d", "spec", default=None, help="Unlabelled images: a dataset spec or a NAME under "
                                                        "$REID_DATA (labels are ignored).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--arch", type=click.Choice(["vit_tiny", "vit_small", "vit_base"]), default=_C.arch,
+@click.option("--arch", type=click.Choice(list(VIT_ARCHS)), default=_C.arch,
               show_default=True)
 @click.option("--epochs", type=int, default=_C.epochs, show_default=True)
 @click.option("--batch-size", "-b", type=int, default=_C.batch_size, show_default=True, help="Images per GPU/process.")
@@ -88,8 +89,9 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     if ctx.invoked_subcommand is not None:
         return
     from partreid.common.data.datasets import load_dataset
-    from partreid.common.errors import InputError
     from partreid.common.data.images import ImageDataset
+    from partreid.common.errors import InputError
+    from partreid.common.splits import choose_split
     from partreid.pass_pretrain.train import PassConfig, train_pass
 
     if not spec or not out:
@@ -104,8 +106,8 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
                         freeze_last_layer=freeze_last_layer, amp=amp, seed=seed, num_workers=workers, device=device,
                         checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet)
     ds = load_dataset(spec, refresh=refresh_index, strict=strict)
-    frame = ds.split("train") if "train" in set(ds.frame["split"]) else ds.frame
-    ckpt = train_pass(config, ImageDataset(ds, frame.reset_index(drop=True), transform=None), out, resume=resume)
+    _, frame = choose_split(ds, None, unlabelled=True)  # train when present, else every image
+    ckpt = train_pass(config, ImageDataset(ds, frame, transform=None), out, resume=resume)
     from partreid.common.distributed import is_main_process
 
     if is_main_process():

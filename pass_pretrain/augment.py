@@ -1,5 +1,6 @@
-"""PASS multi-crop augmentation with part bands (reference-spec §A.3) and the crop layout shared by the model
-routing (§A.4) and the loss (§A.6).
+"""PASS multi-crop augmentation with part bands (PASS ``main_pass.py`` ``DataAugmentationDINO``) and the crop layout
+shared by the model routing (PASS ``utils.py`` ``MultiCropWrapper``) and the loss (PASS ``main_pass.py``
+``DINOLoss``).
 
 A person image yields, in this fixed order (:class:`CropLayout`)::
 
@@ -9,7 +10,7 @@ two global views at 256×128 and, for each of three overlapping horizontal bands
 int(0.25·H), int(0.5·H)), ``local_per_band`` crops at 128×64. The layout object is the single source of truth for
 which view belongs to which group: :class:`pass_pretrain.heads.PASSMultiCrop` and :class:`pass_pretrain.loss.PASSLoss`
 validate their inputs against it, so changing the number of local crops per band cannot silently mis-route views
-(PASS itself hard-codes 9 local crops, §A.4).
+(PASS itself hard-codes 9 local crops, PASS ``utils.py`` ``MultiCropWrapper``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass(frozen=True)
 class CropLayout:
-    """Order and grouping of the multi-crop views (reference-spec §A.3 "Crop list order", §A.4).
+    """Order and grouping of the multi-crop views (PASS ``main_pass.py`` ``DataAugmentationDINO`` "Crop list order",
+    PASS ``utils.py`` ``MultiCropWrapper``).
 
     Views are ``n_global`` global views followed by ``n_bands`` groups of ``local_per_band`` local crops,
     band by band. Band indices are 0-based (band k is routed through [PART_{k+1}]).
@@ -88,12 +90,14 @@ class CropLayout:
 
     @property
     def n_cls_terms(self) -> int:
-        """CLS cross-entropy terms: each teacher global vs every other student view (2×10 = 20, §A.6)."""
+        """CLS cross-entropy terms: each teacher global vs every other student view (2×10 = 20, PASS ``main_pass.py``
+        ``DINOLoss``)."""
         return self.n_global * (self.n_views - 1)
 
     @property
     def n_part_terms(self) -> int:
-        """PART terms over all bands: per band n_global × (n_global + local_per_band − 1) (3×2×4 = 24, §A.6)."""
+        """PART terms over all bands: per band n_global × (n_global + local_per_band − 1) (3×2×4 = 24, PASS
+        ``main_pass.py`` ``DINOLoss``)."""
         return self.n_bands * self.n_global * (self.n_global + self.local_per_band - 1)
 
     @property
@@ -127,8 +131,8 @@ class CropLayout:
 
 class RandomPILGaussianBlur:
     """Gaussian blur with probability ``p`` and radius uniform in [radius_min, radius_max] (PIL
-    ``ImageFilter.GaussianBlur``; reference-spec §A.3, radius 0.1–2.0). Draws from torch's global RNG so that
-    seeding torch makes the whole augmentation reproducible."""
+    ``ImageFilter.GaussianBlur``; PASS ``utils.py`` ``GaussianBlur``, radius 0.1–2.0). Draws from torch's global RNG
+    so that seeding torch makes the whole augmentation reproducible."""
 
     def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
         self.p, self.radius_min, self.radius_max = float(p), float(radius_min), float(radius_max)
@@ -144,7 +148,8 @@ class RandomPILGaussianBlur:
 
 
 def band_boxes(height: int, width: int, n_bands: int = 3, band_frac: float = 0.5) -> List[Tuple[int, int, int, int]]:
-    """PIL crop boxes (left, top, right, bottom) of the overlapping horizontal part bands (reference-spec §A.3).
+    """PIL crop boxes (left, top, right, bottom) of the overlapping horizontal part bands (PASS ``main_pass.py``
+    ``DataAugmentationDINO``).
 
     Each band has height int(band_frac·H) and full width; tops are evenly spaced from 0 to H − band height, i.e.
     int(k·0.25·H) for k = 0, 1, 2 with the PASS values (rows [0, .5H), [.25H, .75H), [.5H, H)).
@@ -161,7 +166,7 @@ def band_boxes(height: int, width: int, n_bands: int = 3, band_frac: float = 0.5
 
 
 class PassMultiCropAugment:
-    """Multi-crop band augmentation of PASS (``DataAugmentationDINO`` in PASS/main_pass.py; reference-spec §A.3).
+    """Multi-crop band augmentation of PASS (PASS ``main_pass.py`` ``DataAugmentationDINO``).
 
     Call it on a PIL RGB image; it returns ``layout.n_views`` float32 tensors (3, h, w), ImageNet-normalised, in
     the order of :class:`CropLayout`: 2 global views (``global_size``, RandomResizedCrop scale ``global_scale``)

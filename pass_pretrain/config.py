@@ -25,12 +25,12 @@ class PassConfig:
     global views, ``local_size`` (128, 64) local crops, ``drop_path_rate`` 0.1 (student; teacher 0),
     ``pass_scale_quirk`` (False: position table resized to the explicit grid, see
     :func:`common.models.vit.resize_pos_grid`).
-    Heads: ``out_dim`` 65536, ``hidden_dim`` 2048, ``bottleneck_dim`` 256, ``use_bn_in_head`` False,
+    Heads (PASS ``vision_transformer.py`` ``DINOHead``): ``out_dim`` 65536, ``hidden_dim`` 2048, ``bottleneck_dim`` 256, ``use_bn_in_head`` False,
     ``norm_last_layer`` True.
-    Crops: ``global_crops_scale`` (0.4, 1.0), ``local_crops_scale`` (0.1, 0.8), ``local_crops_per_band`` 3.
-    Loss: ``student_temp`` 0.1, ``teacher_temp`` 0.04, ``warmup_teacher_temp`` 0.04,
+    Crops (PASS ``main_pass.py`` ``DataAugmentationDINO``): ``global_crops_scale`` (0.4, 1.0), ``local_crops_scale`` (0.1, 0.8), ``local_crops_per_band`` 3.
+    Loss (PASS ``main_pass.py`` ``DINOLoss``): ``student_temp`` 0.1, ``teacher_temp`` 0.04, ``warmup_teacher_temp`` 0.04,
     ``warmup_teacher_temp_epochs`` 0, ``center_momentum`` 0.9.
-    Optimisation: ``epochs`` 100, ``batch_size`` 128 images per process, ``lr`` 5e-4 (scaled by
+    Optimisation (PASS ``main_pass.py`` ``train_dino``, ``utils.py`` ``cosine_scheduler``): ``epochs`` 100, ``batch_size`` 128 images per process, ``lr`` 5e-4 (scaled by
     global batch / 256), ``min_lr`` 1e-6, ``warmup_epochs`` 10, ``weight_decay`` 0.04 → ``weight_decay_end`` 0.4,
     ``momentum_teacher`` 0.996 → 1, ``clip_grad`` 3.0 with ``clip_mode`` 'per-tensor' (the reference; or
     'global', 'none'), ``freeze_last_layer`` 1 epoch, ``amp`` 'fp16' (float16 autocast with a GradScaler, as the

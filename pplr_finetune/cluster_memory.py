@@ -1,4 +1,5 @@
-"""Cluster-contrast memory with the hard-instance update: the loss of PASS's own USL setting.
+"""Cluster-contrast memory with the hard-instance update: the loss of PASS's own USL setting (PASS-reID
+``CC-PASS/examples/cluster_contrast_train_usl.py``).
 
 Used by the ``pass-usl`` presets of ``finetune`` (PASS_cluster_contrast_reid, ``--use-hard``), not by PPLR.
 Source: cluster-contrast ``clustercontrast/models/cm.py``, ``ClusterMemory`` with ``CM_Hard``.
