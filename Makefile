@@ -37,7 +37,7 @@ demo: install
 
 # Paper reproductions: make reproduce-pplr-market REID_DATA=/data GPUS=4
 REPRODUCE := reproduce-pass-small reproduce-pass-base reproduce-pplr-market reproduce-pplr-msmt \
-             reproduce-pplr-resnet-market reproduce-pass-usl-market
+             reproduce-pplr-resnet-market reproduce-pass-usl-market reproduce-pass-usl-msmt
 .PHONY: $(REPRODUCE)
 $(REPRODUCE): install
 	@BIN=$(BIN) GPUS=$(or $(GPUS),1) bash tools/reproduce.sh $@

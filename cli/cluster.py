@@ -3,6 +3,7 @@
 import click
 
 from partreid.cli._common import Command, common_options, guard_files, emit_output, guarded, read_input_path
+from partreid.pplr_finetune.config import CLUSTER_PRESETS, default as _default, describe_default as _d
 
 
 def parse_sweep(value):
@@ -21,7 +22,8 @@ def parse_sweep(value):
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
-  cluster train.h5 --out labels.h5                       # PPLR/cluster-contrast defaults
+  cluster train.h5 --out labels.h5                       # PPLR's settings (= finetune's first step)
+  cluster train.h5 --out labels.h5 --preset pass-usl     # PASS USL's (eps 0.6)
   cluster train.h5 --out labels.h5 --eps 0.5 --sweep-eps 0.4:0.7:0.05
   extract-features -c ckpt.pth -d msmt17:/data/MSMT17_V1 --out f.h5 | cluster --out l.h5 | refine-labels --out r.h5
   cluster big.h5 --out l.h5 --knn approximate            # hundreds of thousands of images
@@ -29,23 +31,27 @@ Examples:
 @click.argument("features", required=False)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Output labels file (.h5, or .csv for a readable export).")
-@click.option("--k1", type=int, default=30, show_default=True, help="k-reciprocal neighbourhood size.")
-@click.option("--k2", type=int, default=6, show_default=True, help="Local query expansion size.")
-@click.option("--eps", type=float, default=0.6, show_default=True, help="DBSCAN radius on the Jaccard distance.")
-@click.option("--min-samples", type=int, default=4, show_default=True, help="DBSCAN min_samples.")
-@click.option("--convention", type=click.Choice(["reference", "textbook"]), default="reference", show_default=True,
+@click.option("--preset", type=click.Choice(CLUSTER_PRESETS), default="pplr", show_default=True,
+              help="Take the defaults below from this finetune preset, so that the pipeline gives the labels "
+                   "finetune --preset computes; an option given explicitly overrides it.")
+@click.option("--k1", type=int, default=None, help=f"k-reciprocal neighbourhood size [default: {_d('k1')}].")
+@click.option("--k2", type=int, default=None, help=f"Local query expansion size [default: {_d('k2')}].")
+@click.option("--eps", type=float, default=None, help=f"DBSCAN radius on the Jaccard distance [default: {_d('eps')}].")
+@click.option("--min-samples", type=int, default=None, help=f"DBSCAN min_samples [default: {_d('min_samples')}].")
+@click.option("--convention", type=click.Choice(["reference", "textbook"]), default=None,
               help="reference: the forward list holds k1 entries including self, as in the code behind the "
-                   "published numbers; textbook: k1+1 entries (Zhong et al. 2017).")
-@click.option("--knn", "knn_method", type=click.Choice(["exact", "approximate"]), default="exact",
-              show_default=True, help="Exact faiss search, or HNSW for very large sets.")
+                   "published numbers; textbook: k1+1 entries (Zhong et al. 2017) "
+                   f"[default: {_d('convention')}].")
+@click.option("--knn", "knn_method", type=click.Choice(["exact", "approximate"]), default=None,
+              help=f"Exact faiss search, or HNSW for very large sets [default: {_d('knn')}].")
 @click.option("--sweep-eps", default=None, help="START:STOP:STEP: print the clustering table for every eps "
                                                "(one distance graph reused); labels are written for --eps.")
 @click.option("--plot-clusters", type=click.Path(dir_okay=False), default=None,
               help="Draw one row of crops per discovered identity (PNG), to judge the clusters by eye.")
 @common_options
 @guarded
-def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_eps, plot_clusters, device, seed,
-         verbose, debug):
+def main(features, out, preset, k1, k2, eps, min_samples, convention, knn_method, sweep_eps, plot_clusters, device,
+         seed, verbose, debug):
     """Cluster FEATURES (a features file; path from stdin when omitted or '-') into pseudo-labels.
 
     Writes a labels file (outliers = -1, plus the kNN lists for refine-labels) and prints its path on
@@ -56,6 +62,9 @@ def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_
     guard_files(reads={"FEATURES": features}, writes={"--out": out, "--plot-clusters": plot_clusters})
     from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
+    given = dict(k1=k1, k2=k2, eps=eps, min_samples=min_samples, convention=convention, knn=knn_method)
+    k1, k2, eps, min_samples, convention, knn_method = (v if v is not None else _default(key, preset)
+                                                        for key, v in given.items())
     path, report = cluster_features_file(features, out, k1=k1, k2=k2, eps=eps,
                                          min_samples=min_samples, convention=convention, knn=knn_method,
                                          sweep=parse_sweep(sweep_eps), device=device)

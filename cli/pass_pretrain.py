@@ -4,6 +4,12 @@ import click
 
 from partreid.cli._common import Group, guard_files, common_options, emit_output, guarded, read_input_path
 from partreid.cli.extract_features import parse_size
+from partreid.common.precision import AMP_MODES
+from partreid.pass_pretrain.config import CLIP_MODES, PassConfig as _C  # torch-free: the library's defaults
+
+
+def _size(hw) -> str:
+    return f"{hw[0]}x{hw[1]}"
 from partreid.common.models.archs import VIT_ARCHS
 
 
@@ -30,32 +36,35 @@ Examples:
 @click.option("--data", "-d", "spec", default=None, help="Unlabelled images: a dataset spec or a NAME under "
                                                        "$REID_DATA (labels are ignored).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--arch", type=click.Choice(list(VIT_ARCHS)), default="vit_small",
+@click.option("--arch", type=click.Choice(list(VIT_ARCHS)), default=_C.arch,
               show_default=True)
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", "-b", type=int, default=128, show_default=True, help="Images per GPU/process.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Base LR, scaled by global batch / 256.")
-@click.option("--warmup-epochs", type=int, default=10, show_default=True)
-@click.option("--out-dim", type=int, default=65536, show_default=True, help="Prototypes per DINO head.")
-@click.option("--image-size", default="256x128", show_default=True, help="Global views HxW pixels.")
+@click.option("--epochs", type=int, default=_C.epochs, show_default=True)
+@click.option("--batch-size", "-b", type=int, default=_C.batch_size, show_default=True, help="Images per GPU/process.")
+@click.option("--lr", type=float, default=_C.lr, show_default=True, help="Base LR, scaled by global batch / 256.")
+@click.option("--warmup-epochs", type=int, default=_C.warmup_epochs, show_default=True,
+              help="Linear lr warm-up; clamped (with a log line) when longer than --epochs.")
+@click.option("--out-dim", type=int, default=_C.out_dim, show_default=True, help="Prototypes per DINO head.")
+@click.option("--image-size", default=_size(_C.image_size), show_default=True, help="Global views HxW pixels.")
 @click.option("--local-size", default=None, help="Local crops HxW [default: half the global size].")
-@click.option("--local-crops-per-band", type=int, default=3, show_default=True)
-@click.option("--teacher-temp", type=float, default=0.04, show_default=True)
-@click.option("--warmup-teacher-temp", type=float, default=0.04, show_default=True)
-@click.option("--warmup-teacher-temp-epochs", type=int, default=0, show_default=True)
-@click.option("--momentum-teacher", type=float, default=0.996, show_default=True)
-@click.option("--clip-grad", type=float, default=3.0, show_default=True)
-@click.option("--clip-mode", type=click.Choice(["per-tensor", "global", "none"]), default="per-tensor",
+@click.option("--local-crops-per-band", type=int, default=_C.local_crops_per_band, show_default=True)
+@click.option("--teacher-temp", type=float, default=_C.teacher_temp, show_default=True)
+@click.option("--warmup-teacher-temp", type=float, default=_C.warmup_teacher_temp, show_default=True)
+@click.option("--warmup-teacher-temp-epochs", type=int, default=_C.warmup_teacher_temp_epochs, show_default=True)
+@click.option("--momentum-teacher", type=float, default=_C.momentum_teacher, show_default=True)
+@click.option("--clip-grad", type=float, default=_C.clip_grad, show_default=True)
+@click.option("--clip-mode", type=click.Choice(CLIP_MODES), default=_C.clip_mode,
               show_default=True, help="per-tensor: each parameter tensor's gradient norm is capped on its own, "
                                       "as the reference does.")
-@click.option("--freeze-last-layer", type=int, default=1, show_default=True, help="Epochs with the heads' last "
+@click.option("--freeze-last-layer", type=int, default=_C.freeze_last_layer, show_default=True, help="Epochs with the heads' last "
                                                                                   "layer frozen.")
-@click.option("--drop-path", type=float, default=0.1, show_default=True)
-@click.option("--depth", type=int, default=12, show_default=True, help="Transformer blocks (12 = the paper's).")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default="auto", show_default=True,
-              help="auto: bf16 where supported, else fp16 with a scaler, on CUDA; off on CPU.")
-@click.option("--workers", "-j", type=int, default=4, show_default=True)
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True,
+@click.option("--drop-path", type=float, default=_C.drop_path_rate, show_default=True)
+@click.option("--depth", type=int, default=_C.depth, show_default=True, help="Transformer blocks (12 = the paper's).")
+@click.option("--amp", type=click.Choice(AMP_MODES), default=_C.amp, show_default=True,
+              help="Mixed precision: fp16 = float16 autocast with a GradScaler, as the published runs "
+                   "(--use_fp16); bf16 = bfloat16 autocast, no scaler (also on the CPU); auto = bf16 where the GPU "
+                   "supports it, else fp16; none = float32. fp16 and auto run float32 on the CPU.")
+@click.option("--workers", "-j", type=int, default=_C.num_workers, show_default=True)
+@click.option("--checkpoint-every", type=int, default=_C.checkpoint_every, show_default=True,
               help="Also checkpoint every N iterations (0: epoch ends only).")
 @click.option("--stop-after-iters", type=int, default=None, help="Stop (with a checkpoint) after N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (mid-epoch).")

@@ -3,6 +3,7 @@
 import click
 
 from partreid.cli._common import Command, common_options, guard_files, emit_output, guarded, read_input_path
+from partreid.pplr_finetune.config import CLUSTER_PRESETS, default as _default, describe_default as _d
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -13,11 +14,13 @@ Examples:
 """)
 @click.argument("labels", required=False)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output labels file with `agreement`.")
-@click.option("--k", type=int, default=20, show_default=True, help="Neighbours per set (self excluded).")
+@click.option("--preset", type=click.Choice(CLUSTER_PRESETS), default="pplr", show_default=True,
+              help="Take --k from this finetune preset (the same value finetune uses).")
+@click.option("--k", type=int, default=None, help=f"Neighbours per set (self excluded) [default: {_d('k')}].")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write per-part agreement histograms (PNG).")
 @common_options
 @guarded
-def main(labels, out, k, plot, device, seed, verbose, debug):
+def main(labels, out, preset, k, plot, device, seed, verbose, debug):
     """Score each part of every image by its cross-agreement with the global feature (PPLR Eq. 1).
 
     C_i(g, p_n) = |R_i(g) ∩ R_i(p_n)| / |R_i(g) ∪ R_i(p_n)|, with R_i the top-k neighbour sets in the global and
@@ -28,6 +31,7 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     guard_files(reads={"LABELS": labels}, writes={"--out": out, "--plot": plot})
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
 
+    k = _default("k", preset) if k is None else k
     path, report = refine_labels_file(labels, out, k=k, device=device)
     click.echo(report, err=True)
     if plot:

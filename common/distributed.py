@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from contextlib import nullcontext
+from typing import Optional, Tuple
 
 import torch
 
 from partreid.common.errors import InputError
+from partreid.common.precision import AMP_MODES
 
 
 def resolve_device(device: str) -> str:
@@ -24,18 +26,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def amp_dtype(device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``device``: bf16 on CUDA where supported, else fp16 (then a GradScaler is needed);
-    None (full precision) on the CPU."""
-    if not str(device).startswith("cuda"):
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def resolve_amp(amp: Optional[str], device) -> Tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None, whether training needs a GradScaler) for the mode ``amp`` on ``device``.
+
+    Modes (:data:`partreid.common.precision.AMP_MODES`): 'none'/None → float32; 'bf16' → bfloat16 (CPU or
+    CUDA, no scaler); 'fp16' → float16 with a GradScaler on CUDA, float32 on the CPU (CPU float16 autocast is
+    neither what the published runs did nor fast); 'auto' → bf16 on a CUDA device that supports it, else fp16
+    with a scaler; float32 on the CPU.
+
+    Raises:
+        InputError: unknown mode.
+    """
+    if amp is None or amp == "none":
+        return None, False
+    if amp not in AMP_MODES:
+        raise InputError(f"amp {amp!r} not in {', '.join(AMP_MODES)}")
+    cuda = str(device).startswith("cuda")
+    if amp == "bf16":
+        return torch.bfloat16, False
+    if not cuda:
+        return None, False
+    if amp == "auto" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
 
 
-def autocast(device):
-    """``torch.autocast`` context for :func:`amp_dtype` (disabled on the CPU)."""
-    dtype = amp_dtype(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+def autocast(device, amp: Optional[str] = "none"):
+    """``torch.autocast`` context for mode ``amp`` on ``device`` (:func:`resolve_amp`); by default full float32."""
+    dtype, _ = resolve_amp(amp, device)
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(kind, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def is_torchrun() -> bool:

@@ -110,7 +110,7 @@ def compute_batch(loaded: LoadedModel, images: torch.Tensor, opts: FeatureOption
 def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opts: Optional[FeatureOptions] = None,
                     batch_size: int = 64, workers: int = 2, device: str = "cpu", resume: bool = False,
                     strict: bool = False, interpolation: str = "bicubic", command: str = "",
-                    inputs: Sequence = (), progress: bool = True) -> Path:
+                    inputs: Sequence = (), progress: bool = True, amp: str = "none") -> Path:
     """Extract the features of ``frame``'s images and write a features file.
 
     Rows are written in chunks (one per global batch) to a partial file; with ``resume=True`` a killed run
@@ -126,7 +126,9 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
         opts: feature options.
         batch_size: images per forward pass (per rank).
         workers: DataLoader worker processes.
-        device: ``cpu`` or ``cuda[:i]``; on CUDA the forward runs under autocast (bf16 where supported).
+        device: ``cpu`` or ``cuda[:i]``.
+        amp: precision of the forward pass (:data:`partreid.common.precision.AMP_MODES`): 'none' = float32, the
+            published code's (default); a training run passes its own mode. Features are stored as float32.
         resume, strict: see above; ``strict`` fails on an unreadable image instead of skipping it.
 
     Returns:
@@ -145,7 +147,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
 
     # probe shapes on one synthetic batch (cheap) to size the file's datasets
     probe = torch.zeros(1, 3, *loaded.image_size, device=device)
-    with autocast(device):
+    with autocast(device, amp):
         g0, p0 = compute_batch(loaded, probe, opts)
     attrs = {
         "normalized": bool(opts.normalize), "dataset": getattr(ds, "spec", ""), "dataset_root": str(ds.root),
@@ -187,7 +189,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
             rows_g, rows_p, got = [], [], []
             for batch_images, idx in loader:
                 if len(idx):
-                    with autocast(device):
+                    with autocast(device, amp):
                         g, p = compute_batch(loaded, batch_images.to(device, non_blocking=True), opts)
                     rows_g.append(g.numpy())
                     rows_p.append(None if p is None else p.numpy())
@@ -221,7 +223,8 @@ def _assemble(start, stop, rows_g, rows_p, got, dim, parts_shape, world):
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (g, p, idx))
         g = np.concatenate([x[0] for x in gathered])
-        p = None if gathered[0][1] is None else np.concatenate([x[1] for x in gathered])
+        got_p = [x[1] for x in gathered if x[1] is not None]  # a rank without rows this chunk sends None
+        p = np.concatenate(got_p) if got_p else None
         idx = np.concatenate([x[2] for x in gathered])
     count = stop - start
     out_g = np.zeros((count, dim), np.float32)
@@ -236,9 +239,9 @@ def _assemble(start, stop, rows_g, rows_p, got, dim, parts_shape, world):
 
 
 def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOptions] = None, batch_size: int = 64,
-                   workers: int = 2, device: str = "cpu", interpolation: str = "bicubic", progress: bool = True
-                   ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
-    """In-memory variant of :func:`extract_to_file` (single process).
+                   workers: int = 2, device: str = "cpu", interpolation: str = "bicubic", progress: bool = True,
+                   amp: str = "none") -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """In-memory variant of :func:`extract_to_file` (single process; ``amp`` as there, float32 by default).
 
     Returns:
         (global (N', Dg) float32, parts (N', P, Dp) float32 or None, kept (N',) int64 row indices into ``frame``;
@@ -254,7 +257,7 @@ def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOpti
                             disable=not progress, desc="extract"):
         if len(idx) == 0:
             continue
-        with autocast(device):
+        with autocast(device, amp):
             g, p = compute_batch(loaded, images.to(device), opts)
         gs.append(g.numpy())
         ps.append(None if p is None else p.numpy())

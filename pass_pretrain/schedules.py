@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from partreid.common.errors import InputError
+
+log = logging.getLogger("partreid.pass")
 
 
 def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_epoch: int,
@@ -51,7 +55,14 @@ def pass_schedules(*, lr: float, min_lr: float, warmup_epochs: int, weight_decay
     * ``lr``: 0 → scaled_lr(lr, global_batch) over ``warmup_epochs`` then cosine to ``min_lr``;
     * ``wd``: cosine ``weight_decay`` → ``weight_decay_end`` (0.04 → 0.4), regularised group only;
     * ``momentum``: teacher EMA momentum, cosine ``momentum_teacher`` → 1 (0.996 → 1).
+
+    A warm-up longer than the run (e.g. the default 10 epochs with ``--epochs 1``) is clamped to the run's
+    length, with a log line: the lr then rises linearly over the whole run.
     """
+    if int(warmup_epochs) > int(epochs):
+        log.warning("lr warm-up of %d epochs is longer than the run (%d epochs): clamped to %d epochs",
+                    int(warmup_epochs), int(epochs), int(epochs))
+        warmup_epochs = int(epochs)
     return {
         "lr": cosine_schedule(scaled_lr(lr, global_batch), min_lr, epochs, niter_per_epoch, warmup_epochs),
         "wd": cosine_schedule(weight_decay, weight_decay_end, epochs, niter_per_epoch),

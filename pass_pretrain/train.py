@@ -24,7 +24,6 @@ Reproducibility and resume
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -53,111 +52,15 @@ from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, bu
 from partreid.pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
 from partreid.pass_pretrain.heads import PASSMultiCrop
 from partreid.pass_pretrain.loss import PASSLoss
+from partreid.pass_pretrain.config import CLIP_MODES, PassConfig  # noqa: F401 - re-exported
+from partreid.common.precision import AMP_MODES  # noqa: F401 - re-exported
 from partreid.pass_pretrain.schedules import pass_schedules, scaled_lr
+
+_log = logging.getLogger("partreid.pass")
 
 CHECKPOINT_NAME = "checkpoint.pth"
 METRICS_NAME = "metrics.csv"
 BACKBONE_NAME = "teacher_backbone.pth"
-CLIP_MODES = ("per-tensor", "global", "none")
-AMP_MODES = ("auto", "bf16", "fp16", "none")
-
-
-@dataclass
-class PassConfig:
-    """Hyper-parameters of PASS pre-training; defaults are the paper's ViT-S run (PASS ``main_pass.py``
-    argparse defaults and ``script/*.sh``).
-
-    Model: ``arch`` (vit_tiny/vit_small/vit_base), ``depth`` (12; smaller for tests), ``image_size`` (256, 128)
-    global views, ``local_size`` (128, 64) local crops, ``drop_path_rate`` 0.1 (student; teacher 0),
-    ``pass_scale_quirk`` (False: position table resized to the explicit grid, see
-    :func:`common.models.vit.resize_pos_grid`).
-    Heads (PASS ``vision_transformer.py`` ``DINOHead``): ``out_dim`` 65536, ``hidden_dim`` 2048, ``bottleneck_dim``
-    256, ``use_bn_in_head`` False, ``norm_last_layer`` True.
-    Crops (PASS ``main_pass.py`` ``DataAugmentationDINO``): ``global_crops_scale`` (0.4, 1.0), ``local_crops_scale``
-    (0.1, 0.8), ``local_crops_per_band`` 3. Loss (PASS ``main_pass.py`` ``DINOLoss``): ``student_temp`` 0.1,
-    ``teacher_temp`` 0.04, ``warmup_teacher_temp`` 0.04,
-    ``warmup_teacher_temp_epochs`` 0, ``center_momentum`` 0.9.
-    Optimisation (PASS ``main_pass.py`` ``train_dino`` and ``utils.py`` ``cosine_scheduler``): ``epochs`` 100,
-    ``batch_size`` 128 images per process, ``lr`` 5e-4 (scaled by global batch / 256), ``min_lr`` 1e-6,
-    ``warmup_epochs`` 10, ``weight_decay`` 0.04 → ``weight_decay_end`` 0.4,
-    ``momentum_teacher`` 0.996 → 1, ``clip_grad`` 3.0 with ``clip_mode`` 'per-tensor' (the reference; or
-    'global', 'none'), ``freeze_last_layer`` 1 epoch, ``amp`` 'auto' (CUDA: bf16 where supported else fp16 with a
-    GradScaler; CPU: off), ``seed`` 0.
-    Run: ``num_workers`` data-loader processes, ``device`` 'auto'|'cpu'|'cuda', ``checkpoint_every``
-    iterations (0: epoch ends only), ``snapshot_every`` epochs (keep ``checkpoint{epoch:04d}.pth``; 0 off),
-    ``stop_after_iters`` (stop with a checkpoint after this many iterations in total; schedules still span
-    ``epochs``), ``export_on_finish`` (write ``teacher_backbone.pth`` at the end), ``progress`` (tqdm on stderr).
-    """
-
-    arch: str = "vit_small"
-    depth: int = 12
-    image_size: Tuple[int, int] = (256, 128)
-    local_size: Tuple[int, int] = (128, 64)
-    patch_size: int = 16
-    drop_path_rate: float = 0.1
-    pass_scale_quirk: bool = False
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    global_crops_scale: Tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: Tuple[float, float] = (0.1, 0.8)
-    local_crops_per_band: int = 3
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.996
-    clip_grad: float = 3.0
-    clip_mode: str = "per-tensor"
-    freeze_last_layer: int = 1
-    amp: str = "auto"
-    seed: int = 0
-    num_workers: int = 4
-    device: str = "auto"
-    checkpoint_every: int = 1000
-    snapshot_every: int = 0
-    stop_after_iters: Optional[int] = None
-    export_on_finish: bool = True
-    progress: bool = True
-
-    def validate(self) -> "PassConfig":
-        """Check value ranges; raises InputError with a one-line message. Returns self."""
-        if self.clip_mode not in CLIP_MODES:
-            raise InputError(f"clip_mode {self.clip_mode!r} not in {CLIP_MODES}")
-        if self.amp not in AMP_MODES:
-            raise InputError(f"amp {self.amp!r} not in {AMP_MODES}")
-        for name in ("epochs", "batch_size", "out_dim", "depth"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.warmup_epochs > self.epochs:
-            raise InputError(f"warmup_epochs ({self.warmup_epochs}) > epochs ({self.epochs})")
-        for name in ("image_size", "local_size"):
-            h, w = getattr(self, name)
-            if h % self.patch_size or w % self.patch_size:
-                raise InputError(f"{name} {h}x{w} is not a multiple of the patch size {self.patch_size}")
-        return self
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "PassConfig":
-        """Build from a dict (e.g. a checkpoint's ``config``); unknown keys raise InputError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise InputError(f"unknown PASS config keys: {', '.join(unknown)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**fixed)
-
-
 #: config fields that may change between an interrupted run and its resumption (they do not affect results).
 _RESUME_FREE = {"num_workers", "device", "checkpoint_every", "snapshot_every", "stop_after_iters",
                 "export_on_finish", "progress"}
@@ -317,26 +220,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
 
 
-def resolve_amp(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
-    """(autocast dtype or None, use a GradScaler) for ``amp`` on ``device``.
-
-    'auto': CUDA → bf16 where supported, else fp16 with a GradScaler; CPU → off. 'bf16' works on CPU and CUDA;
-    'fp16' needs CUDA (InputError otherwise); 'none' → full precision."""
-    if amp not in AMP_MODES:
-        raise InputError(f"amp {amp!r} not in {AMP_MODES}")
-    cuda = device.type == "cuda"
-    if amp == "auto":
-        dtype = cdist.amp_dtype(device.type)
-        return dtype, dtype == torch.float16
-    if amp == "none":
-        return None, False
-    if amp == "bf16":
-        return torch.bfloat16, False
-    if not cuda:
-        raise InputError("amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
-    return torch.float16, True
-
-
 class PassTrainer:
     """Student, teacher, loss, optimiser, scaler and schedules of one PASS run, with :meth:`step`.
 
@@ -366,8 +249,16 @@ class PassTrainer:
                                 config.teacher_temp, config.warmup_teacher_temp_epochs, config.student_temp,
                                 config.center_momentum).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
-        self.amp_dtype, use_scaler = resolve_amp(config.amp, self.device)
+        self.amp_dtype, use_scaler = cdist.resolve_amp(config.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        if cdist.rank() == 0:
+            if self.amp_dtype is None and config.amp not in ("none", "auto"):
+                why = f"--amp {config.amp} autocast runs on CUDA only; float32 on the CPU"
+            else:
+                why = "float32" if self.amp_dtype is None else (
+                    str(self.amp_dtype).replace("torch.", "") + " autocast" + (" with a GradScaler" if use_scaler
+                                                                               else ""))
+            _log.info("precision: %s", why)
         self.global_batch = config.batch_size * int(world_size)
         self.schedules = pass_schedules(lr=config.lr, min_lr=config.min_lr, warmup_epochs=config.warmup_epochs,
                                         weight_decay=config.weight_decay, weight_decay_end=config.weight_decay_end,

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from partreid.common.errors import InputError
+from partreid.pplr_finetune.config import FinetuneConfig as _C  # the defaults (PPLR's)
 from partreid.common.h5io import features_for_labels, read_labels, write_labels
 from partreid.common.retrieval.search import exclude_self_columns, knn_search, l2_normalize_rows
 
@@ -80,7 +81,7 @@ def cross_agreement(global_knn, part_knn) -> np.ndarray:
     return out
 
 
-def cross_agreement_from_features(global_feats, parts, k: int = 20, global_knn=None, *, device: str = "auto",
+def cross_agreement_from_features(global_feats, parts, k: int = _C.k, global_knn=None, *, device: str = "auto",
                                   method: str = "exact", timings: Optional[Dict[str, float]] = None,
                                   ) -> np.ndarray:
     """Cross-agreement scores from features: exact top-k searches in the global and each part space.
@@ -152,7 +153,7 @@ def agreement_statistics(agreement) -> "object":
     return pd.DataFrame(rows)
 
 
-def refine_labels_file(labels_path, out, *, k: int = 20, command: str = "",
+def refine_labels_file(labels_path, out, *, k: int = _C.k, command: str = "",
                        device: str = "auto") -> Tuple[Path, str]:
     """The ``refine-labels`` command: labels file → the same labels plus ``agreement`` (N, P), and a report.
 

@@ -26,6 +26,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from partreid.common.errors import InputError
+from partreid.pplr_finetune.config import FinetuneConfig as _C  # the defaults (PPLR's)
 from partreid.common.h5io import read_features, write_labels
 from partreid.common.retrieval.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
 from partreid.common.retrieval.search import knn_search, l2_normalize_rows
@@ -108,7 +109,7 @@ def dbscan_labels(graph, eps: float, min_samples: int) -> np.ndarray:
     return model.fit_predict(graph).astype(np.int64)
 
 
-def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_samples: int = 4,
+def pseudo_labels(features, k1: int = _C.k1, k2: int = _C.k2, eps: float = _C.eps, min_samples: int = _C.min_samples,
                   convention: str = "reference", knn: str = "exact", *, max_distance: Optional[float] = None,
                   device: str = "auto", search_options: Optional[dict] = None) -> ClusterResult:
     """Cluster features into pseudo-labels: kNN → sparse k-reciprocal Jaccard → DBSCAN (PPLR
@@ -342,8 +343,8 @@ def cluster_report(result: ClusterResult, pids=None, sweep_table=None) -> str:
     return "\n".join(lines)
 
 
-def cluster_features_file(features_path, out, *, k1: int = 30, k2: int = 6, eps: float = 0.6,
-                          min_samples: int = 4, convention: str = "reference", knn: str = "exact",
+def cluster_features_file(features_path, out, *, k1: int = _C.k1, k2: int = _C.k2, eps: float = _C.eps,
+                          min_samples: int = _C.min_samples, convention: str = _C.convention, knn: str = _C.knn,
                           sweep: Optional[Sequence[float]] = None, command: str = "",
                           device: str = "auto") -> Tuple[Path, str]:
     """The ``cluster`` command: features file → labels file (with ``knn``) and a report.

@@ -27,19 +27,15 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
 from tqdm import tqdm
 
 from partreid.common import distributed as dist
@@ -54,6 +50,7 @@ from partreid.common.models.loader import LoadedModel, load_model
 from partreid.common.models.reid import ReIDModel, cluster_centroids, save_reid_checkpoint
 from partreid.common.retrieval.evaluation import evaluate_rank
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
+from partreid.pplr_finetune.config import PRESETS, FinetuneConfig, resolve_bn_groups  # noqa: F401 - re-exported
 from partreid.common.splits import choose_split
 from partreid.pplr_finetune.cluster_memory import HardClusterMemory
 from partreid.pplr_finetune.cross_agreement import refine_labels_file
@@ -61,116 +58,11 @@ from partreid.pplr_finetune.losses import (aals_loss, batch_precision, build_cam
                                            inter_camera_proxy_loss, pglr_loss, soft_triplet_loss)
 from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 from partreid.pplr_finetune.sampler import PKSampler
+from partreid.pplr_finetune.transforms import train_transform
 
 log = logging.getLogger("partreid.finetune")
 
-#: hyper-parameter presets (argparse defaults of PPLR ``examples/train_pplr.py`` and ``train_pplr_cam.py``, and
-#: PASS-reID ``CC-PASS/examples/cluster_contrast_train_usl.py`` with its ``market_usl_cat_singleneck.sh``)
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # PPLR (CVPR'22): Adam 3.5e-4, wd 5e-4, StepLR 20/0.1, 50 epochs x 400 iterations, batch 64 = 16 x 4.
-    "pplr": {},
-    # PPLR-CAM: + inter-camera proxy loss; eps 0.4 (Market; use --eps 0.6 and --lambda-cam 1.0 on MSMT17).
-    "pplr-cam": {"camera_aware": True, "eps": 0.4, "lambda_cam": 0.5},
-    # PPLR with SGD (momentum 0.9) instead of Adam.
-    "pplr-sgd": {"optimizer": "sgd"},
-    # PASS's own USL setting (PASS_cluster_contrast_reid, Market): cluster-contrast hard memory loss, SGD 3.5e-4,
-    # wd 5e-4, 50 epochs x 200 iterations, batch 256 = 32 x 8, eps 0.6, cat fusion, single neck, mean/std 0.5.
-    "pass-usl": {"loss": "cluster-contrast", "optimizer": "sgd", "iters": 200, "batch_size": 256,
-                 "num_instances": 8, "eps": 0.6, "fusion": "cat", "normalization": "half", "drop_path": 0.3},
-}
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a fine-tuning run needs; the defaults are PPLR's (the argparse defaults of
-    PPLR ``examples/train_pplr.py``)."""
-
-    checkpoint: str = ""
-    data: str = ""
-    arch: Optional[str] = None
-    fusion: str = "cat"
-    image_size: Optional[Tuple[int, int]] = None
-    normalization: str = "checkpoint"  # checkpoint | imagenet | half (mean/std 0.5, PASS's "--self-norm")
-    epochs: int = 50
-    iters: int = 400
-    batch_size: int = 64
-    num_instances: int = 4
-    optimizer: str = "adam"
-    lr: float = 3.5e-4
-    weight_decay: float = 5e-4
-    step_size: int = 20
-    gamma: float = 0.1
-    loss: str = "pplr"  # pplr | cluster-contrast
-    k1: int = 30
-    k2: int = 6
-    eps: float = 0.5
-    min_samples: int = 4
-    convention: str = "reference"
-    knn: str = "exact"
-    k: int = 20
-    beta: float = 0.5
-    aals_epoch: int = 5
-    label_smooth: float = 0.1
-    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (``PPLRTrainer``); "bnneck-input" = pre-BN (TransReID)
-    camera_aware: bool = False
-    lambda_cam: float = 0.5
-    cam_temperature: float = 0.07
-    cam_negatives: int = 50
-    memory_temperature: float = 0.05
-    memory_momentum: float = 0.2
-    drop_path: float = 0.0
-    bn_groups: int = 1
-    classifier_capacity: int = 0  # 0 = grow on demand (single process); set e.g. 3000 under DDP
-    eval_every: int = 5
-    eval_data: Optional[str] = None
-    workers: int = 2
-    seed: int = 1
-    device: str = "cpu"
-    amp: bool = True
-    labels: Optional[str] = None  # train the first epoch on these refined labels instead of clustering
-    keep_intermediate: Optional[str] = None
-    resume: bool = False
-    resnet_weights: Optional[str] = None
-    log_every: int = 20
-    progress: bool = True
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_preset(cls, preset: str = "pplr", **overrides) -> "FinetuneConfig":
-        """A config with the preset's values, then ``overrides`` (None values are ignored).
-
-        Raises:
-            InputError: unknown preset or option.
-        """
-        if preset not in PRESETS:
-            raise InputError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        values = dict(PRESETS[preset])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise InputError(f"unknown fine-tuning option(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
-
-
 # --------------------------------------------------------------------------------------------------- helpers
-def train_transform(image_size, mean, std):
-    """PPLR/TransReID train augmentation (PPLR ``examples/train_pplr.py`` ``get_train_loader``): resize (bicubic),
-    flip 0.5, zero-pad 10 + random crop, to tensor, normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3,
-    fill = ImageNet mean written into the normalised tensor, as the reference does). torchvision draws the erasing
-    aspect log-uniformly; the reference draws it uniformly in (0.3, 1/0.3)."""
-    size = tuple(image_size)
-    return T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(0.5),
-        T.Pad(10),
-        T.RandomCrop(size),
-        T.ToTensor(),
-        T.Normalize(list(mean), list(std)),
-        T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=list(IMAGENET_MEAN)),
-    ])
-
-
 def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
     if cfg.normalization == "half":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -179,22 +71,90 @@ def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
     return tuple(loaded.pixel_mean), tuple(loaded.pixel_std)
 
 
-def build_model(cfg: FinetuneConfig):
-    """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone)."""
+def build_model(cfg: FinetuneConfig, bn_groups: int = 1):
+    """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone).
+
+    ``--arch resnet50`` starts from ImageNet weights as PPLR does: ``cfg.checkpoint`` (torchvision weights or a
+    fine-tuned model) or ``cfg.resnet_weights``; a random ResNet-50 only with ``cfg.random_init``.
+
+    Raises:
+        InputError: ``--arch resnet50`` without weights and without ``random_init``; bad checkpoint.
+    """
     if cfg.arch == "resnet50" and (not cfg.checkpoint or cfg.checkpoint == "random:resnet50"):
+        if not cfg.resnet_weights and not cfg.random_init:
+            raise InputError("--arch resnet50 needs ImageNet weights: pass --resnet-weights FILE (torchvision "
+                             "resnet50 .pth, as PPLR starts from), or --random-init to train from scratch")
         loaded = load_model("random:resnet50", resnet_weights=cfg.resnet_weights, image_size=cfg.image_size)
     else:
         loaded = load_model(cfg.checkpoint, arch=cfg.arch if cfg.arch != "resnet50" else None,
                             image_size=cfg.image_size)
     if loaded.kind == "reid":  # continue from a fine-tuned model
         model = loaded.model
-        model.set_bn_groups(cfg.bn_groups)
+        model.set_bn_groups(bn_groups)
     else:
         fusion = "cls" if loaded.kind == "resnet" else cfg.fusion
         if cfg.drop_path and hasattr(loaded.model, "set_drop_path"):
             loaded.model.set_drop_path(cfg.drop_path)
-        model = ReIDModel(loaded.model, fusion=fusion, num_classes=cfg.classifier_capacity, bn_groups=cfg.bn_groups)
+        model = ReIDModel(loaded.model, fusion=fusion, num_classes=cfg.classifier_capacity, bn_groups=bn_groups)
     return model, loaded
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Items ``(row, seed)`` → ``images[row]`` drawn under torch's CPU RNG seeded with ``seed`` (restored after).
+
+    The train augmentation of a batch then depends only on (seed, epoch, iteration, position in the global batch),
+    not on the number of data-loader workers or of processes: one process and ``torchrun`` draw the same crops,
+    flips and erasing boxes.
+    """
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        row, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.images[int(row)]
+
+
+class SeededBatches(torch.utils.data.Sampler):
+    """Wrap a :class:`PKSampler`: each index becomes ``(row, seed)`` with a seed from (base, epoch, global
+    iteration, position in the global batch)."""
+
+    def __init__(self, sampler, seed: int, epoch: int):
+        self.sampler, self.seed, self.epoch = sampler, int(seed), int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        offset = self.sampler.rank * (self.sampler.batch_size // self.sampler.world_size)
+        for it, batch in enumerate(self.sampler, start=self.sampler.start_iter):
+            seeds = np.random.SeedSequence([self.seed, self.epoch, it]).generate_state(self.sampler.batch_size)
+            yield [(row, int(seeds[offset + j])) for j, row in enumerate(batch)]
+
+
+def gather_batch(out: Dict[str, torch.Tensor], *tensors: torch.Tensor):
+    """Under DDP: every rank's outputs and labels concatenated in rank order (the global batch, as
+    nn.DataParallel gathers it), so the losses (batch-hard triplet, memory update, PGLR) see the whole batch.
+
+    Outputs keep their gradient (``torch.distributed.nn.functional.all_gather``; its backward sums the gradients
+    of all ranks, and DDP's averaging then gives the gradient of the global-batch loss). A no-op in one process.
+    """
+    if dist.world_size() == 1:
+        return (out,) + tensors
+    from torch.distributed.nn.functional import all_gather as all_gather_grad
+
+    out = {k: torch.cat(all_gather_grad(v.contiguous()), dim=0) for k, v in out.items()}
+    gathered = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.world_size())]
+        torch.distributed.all_gather(parts, t.contiguous())
+        gathered.append(torch.cat(parts, dim=0))
+    return (out,) + tuple(gathered)
 
 
 class _Run:
@@ -204,7 +164,12 @@ class _Run:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.device = cfg.device
+        self.device = dist.resolve_device(cfg.device)
+        self.amp_dtype, use_scaler = dist.resolve_amp(cfg.amp, self.device)
+        if self.rank == 0:
+            log.info("precision: %s", "float32 (the published code's)" if self.amp_dtype is None else
+                     f"{str(self.amp_dtype).replace('torch.', '')} autocast" + (" with a GradScaler" if use_scaler
+                                                                               else ""))
         labels_file = None
         if cfg.labels:
             labels_file = read_labels(cfg.labels)
@@ -221,7 +186,10 @@ class _Run:
         splits = set(eval_ds.frame["split"])
         self.eval_ds = eval_ds if {"query", "gallery"} <= splits and (eval_ds.frame["pid"] >= 0).any() else None
 
-        self.model, self.loaded = build_model(cfg)
+        self.bn_groups, bn_line = resolve_bn_groups(cfg.bn_groups, cfg.batch_size, self.world, cfg.bn_batch)
+        if self.rank == 0:
+            log.info("%s", bn_line)
+        self.model, self.loaded = build_model(cfg, self.bn_groups)
         self.model.to(self.device)
         self.mean, self.std = _normalization(cfg, self.loaded)
         self.image_size = tuple(cfg.image_size or self.loaded.image_size)
@@ -231,7 +199,7 @@ class _Run:
                      "dataset_fingerprint": self.ds.fingerprint, "init_checkpoint": cfg.checkpoint}
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.current_labels: Optional[Dict[str, np.ndarray]] = None
@@ -250,9 +218,6 @@ class _Run:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         raise InputError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
-
-    def _amp_dtype(self):
-        return dist.amp_dtype(self.device) if self.cfg.amp else None
 
     def as_loaded(self, source: str):
         """The model being trained, wrapped for :mod:`common.extract` (BNNeck features, this run's input)."""
@@ -312,7 +277,7 @@ class _Run:
                                          epoch_dir / "features.h5",
                                          split="train", opts=FeatureOptions(neck="after", normalize=True),
                                          batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
-                                         device=self.device, progress=cfg.progress,
+                                         device=self.device, progress=cfg.progress, amp=cfg.amp,
                                          command=f"finetune epoch {epoch}: extract")
             self.model.train()
             refined = None
@@ -371,7 +336,8 @@ class _Run:
         sampler = PKSampler(labels, pl["camid"], num_instances=cfg.num_instances, batch_size=cfg.batch_size,
                             num_iters=cfg.iters, seed=cfg.seed, rank=self.rank, world_size=self.world)
         sampler.set_epoch(epoch)
-        loader = DataLoader(images, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_skip_none,
+        loader = DataLoader(SeededItems(images), batch_sampler=SeededBatches(sampler, cfg.seed, epoch),
+                            num_workers=cfg.workers, collate_fn=collate_skip_none,
                             pin_memory=self.device.startswith("cuda"), persistent_workers=False)
         labels_t = torch.as_tensor(labels)
         agree_t = torch.as_tensor(np.asarray(pl["agreement"], dtype=np.float32))
@@ -380,7 +346,6 @@ class _Run:
         seen = 0
         t0 = time.time()
         self.ddp_model.train()
-        amp_dtype = self._amp_dtype()
         bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", unit="it", leave=False,
                    disable=not cfg.progress or self.rank != 0)
         for it, (x, idx) in enumerate(bar):
@@ -390,9 +355,10 @@ class _Run:
             y = labels_t[idx].to(self.device)
             ca = agree_t[idx].to(self.device)
             cams = cam_t[idx].to(self.device)
-            with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else torch.autocast("cpu", enabled=False):
+            with dist.autocast(self.device, self.cfg.amp):
                 out = self.ddp_model(x)
             out = {k: v.float() for k, v in out.items()}
+            out, y, ca, cams = gather_batch(out, y, ca, cams)
             terms = self.losses(epoch, out, y, ca, cams, memory, proxies)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
@@ -409,7 +375,7 @@ class _Run:
                 bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"img/s": f"{rate:.1f}"})
         bar.close()
         means = {k: v / max(seen, 1) for k, v in sums.items()}
-        means.update({"clusters": num_clusters, "outliers": int((~keep).sum()),
+        means.update({"steps": seen, "clusters": num_clusters, "outliers": int((~keep).sum()),
                       "agreement_mean": float(np.asarray(pl["agreement"])[keep].mean()),
                       "lr": float(self.optimizer.param_groups[0]["lr"]),
                       "images_per_s": seen * cfg.batch_size / max(time.time() - t0, 1e-9)})
@@ -451,7 +417,7 @@ class _Run:
             g, _, kept = extract_arrays(self.as_loaded("finetune"), self.eval_ds, frame,
                                         opts=FeatureOptions(neck="after", parts=False),
                                         batch_size=max(self.cfg.batch_size, 64), workers=self.cfg.workers,
-                                        device=self.device, progress=self.cfg.progress)
+                                        device=self.device, progress=self.cfg.progress, amp=self.cfg.amp)
             feats[split] = (g, frame["pid"].to_numpy()[kept], frame["camid"].to_numpy()[kept])
         self.model.train()
         (qf, qp, qc), (gf, gp, gc) = feats["query"], feats["gallery"]

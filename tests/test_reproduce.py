@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import BIN, REPO
 
 TARGETS = ["reproduce-pass-small", "reproduce-pass-base", "reproduce-pplr-market", "reproduce-pplr-msmt",
-           "reproduce-pplr-resnet-market", "reproduce-pass-usl-market"]
+           "reproduce-pplr-resnet-market", "reproduce-pass-usl-market", "reproduce-pass-usl-msmt"]
 
 
 def _run(target, env_extra):

@@ -41,38 +41,48 @@ case "$TARGET" in
     ;;
   reproduce-pplr-market|reproduce-pplr-msmt)
     if [ "$TARGET" = reproduce-pplr-market ]; then
-      root=$(need_data Market-1501-v15.09.15 market1501 Market-1501 market); spec="market1501:$root"; eps=0.5
+      root=$(need_data Market-1501-v15.09.15 market1501 Market-1501 market); spec="market1501:$root"
       show "Expected (PPLR paper, ResNet-50, no camera labels): Market 81.5 mAP / 92.8 R1; with cameras 84.4 / 94.3."
     else
-      root=$(need_data MSMT17_V1 MSMT17 msmt17); spec="msmt17:$root"; eps=0.5
+      root=$(need_data MSMT17_V1 MSMT17 msmt17); spec="msmt17:$root"
       show "Expected (PPLR paper, ResNet-50, no camera labels): MSMT17 31.4 mAP / 61.1 R1; with cameras 42.2 / 73.3."
     fi
     [ -f "$PASS_S" ] || die "missing PASS ViT-S checkpoint $PASS_S (run make reproduce-pass-small, or set PASS_CKPT=pass_vit_small_full.pth)"
     show "PPLR fine-tuning from the PASS ViT-S checkpoint $PASS_S on $spec: 50 epochs x 400 iterations, batch 64 = 16 x 4," \
-         "Adam 3.5e-4, eps $eps, k1 30, k2 6, k 20, beta 0.5, AALS from epoch 5, --bn-groups 4 to match the reference's 4-GPU BN." \
+         "Adam 3.5e-4, eps 0.5, k1 30, k2 6, k 20, beta 0.5, AALS from epoch 5, float32; BatchNorm over 16-image groups" \
+         "(--bn-groups auto: the reference's 4-GPU DataParallel, whatever GPUS is)." \
          "Reference hardware: 4x TITAN RTX (PPLR), ~1 day."
     need_gpu
     set -x
-    $(launch finetune) --checkpoint "$PASS_S" --data "$spec" --fusion cat --eps $eps --bn-groups 4 --out "$RUNS/${TARGET#reproduce-}"
+    $(launch finetune) --preset pplr --checkpoint "$PASS_S" --data "$spec" --fusion cat --out "$RUNS/${TARGET#reproduce-}"
     ;;
   reproduce-pplr-resnet-market)
     root=$(need_data Market-1501-v15.09.15 market1501 Market-1501 market)
     w=${RESNET50_WEIGHTS:-$RUNS/resnet50-0676ba61.pth}
     [ -f "$w" ] || die "missing ImageNet ResNet-50 weights $w (download resnet50-0676ba61.pth from the torchvision model zoo; set RESNET50_WEIGHTS)"
     show "PPLR original: ResNet-50 (last stride 1, 3 stripes), 384x128, 50 epochs x 400 it, batch 64, Adam 3.5e-4, eps 0.5." \
-         "Expected (PPLR paper): Market 81.5 mAP / 92.8 R1 (no camera labels). Reference: 4x TITAN RTX; users report 58-72 mAP on 1 GPU without --bn-groups 4."
+         "Expected (PPLR paper): Market 81.5 mAP / 92.8 R1 (no camera labels). Reference: 4x TITAN RTX; users report 58-72 mAP on 1 GPU" \
+         "with 64-image BatchNorm; here --bn-groups auto keeps the reference's 16-image groups."
     need_gpu
     set -x
-    $(launch finetune) --arch resnet50 --checkpoint "$w" --data "market1501:$root" --eps 0.5 --bn-groups 4 --out "$RUNS/pplr_resnet_market"
+    $(launch finetune) --preset pplr --arch resnet50 --resnet-weights "$w" --data "market1501:$root" --out "$RUNS/pplr_resnet_market"
     ;;
-  reproduce-pass-usl-market)
-    root=$(need_data Market-1501-v15.09.15 market1501 Market-1501 market)
+  reproduce-pass-usl-market|reproduce-pass-usl-msmt)
+    if [ "$TARGET" = reproduce-pass-usl-market ]; then
+      root=$(need_data Market-1501-v15.09.15 market1501 Market-1501 market); spec="market1501:$root"; preset=pass-usl
+      show "PASS's own USL setting (cluster-contrast fork, market_usl_cat_singleneck.sh): ViT-S, cat fusion, single neck, eps 0.6," \
+           "SGD 3.5e-4, 50 epochs x 200 it, batch 256 = 32 x 8, float32, BatchNorm over 64-image groups (4 GPUs)." \
+           "Expected (PASS README): Market 88.7 mAP / 95.0 R1. Reference: 4 GPUs (DataParallel)."
+    else
+      root=$(need_data MSMT17_V1 MSMT17 msmt17); spec="msmt17:$root"; preset=pass-usl-msmt
+      show "PASS's own USL setting (msmt_usl_mean_singleneck.sh): ViT-S, mean fusion, single neck, eps 0.7," \
+           "SGD 3.5e-4, 50 epochs x 200 it, batch 256 = 32 x 8, float32, BatchNorm over 128-image groups (2 GPUs)." \
+           "Expected (PASS README): MSMT17 41.0 mAP / 67.0 R1. Reference: 2 GPUs (DataParallel)."
+    fi
     [ -f "$PASS_S" ] || die "missing PASS ViT-S checkpoint $PASS_S (run make reproduce-pass-small, or set PASS_CKPT=pass_vit_small_full.pth)"
-    show "PASS's own USL setting (cluster-contrast fork): ViT-S, cat fusion, single neck, eps 0.6, SGD 3.5e-4, 50 epochs x 200 it, batch 256 = 32 x 8." \
-         "Expected (PASS README): Market 88.7 mAP / 95.0 R1. Reference: 4 GPUs (DataParallel)."
     need_gpu
     set -x
-    $(launch finetune) --preset pass-usl --checkpoint "$PASS_S" --data "market1501:$root" --out "$RUNS/pass_usl_market"
+    $(launch finetune) --preset $preset --checkpoint "$PASS_S" --data "$spec" --out "$RUNS/${TARGET#reproduce-}"
     ;;
   *) die "unknown target $TARGET";;
 esac
