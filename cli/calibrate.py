@@ -2,10 +2,10 @@
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, read_input_path
+from partreid.cli._common import Command, common_options, emit_output, guard_files, guarded, read_input_path
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   partreid calibrate refined.h5 --fmr 1e-3 --out threshold.json
   ... | refine-labels --out refined.h5 | partreid calibrate --out threshold.json
@@ -36,6 +36,7 @@ def main(labels, out, fmr, min_agreement, min_cluster_size, metric, features, de
     from partreid.common.calibration import DEFAULT_FMR, calibrate_threshold, write_threshold
 
     labels = read_input_path(labels, "refined labels file")
+    guard_files(reads={"LABELS": labels, "--features": features}, writes={"--out": out})
     record = calibrate_threshold(labels, fmr=DEFAULT_FMR if fmr is None else fmr, min_agreement=min_agreement,
                                  min_cluster_size=min_cluster_size, metric=metric, features_path=features)
     path = write_threshold(out, record, inputs=(labels, features, record["features_file"]))

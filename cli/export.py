@@ -4,11 +4,11 @@ import sys
 
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded
+from partreid.cli._common import Command, common_options, emit_output, guard_files, guarded, run_checkpoint
 from partreid.cli.extract_features import parse_size
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   partreid export finetune/last.pth --format onnx --out reid.onnx
   partreid export backbone.pth --format onnx --with-preprocessing --threshold-file threshold.json --out reid.onnx
@@ -51,6 +51,9 @@ def main(checkpoint, fmt, out, with_preprocessing, fusion, neck, normalize, thre
     row is printed on stderr. Prints the output path on stdout.
     """
     from partreid.common.export import export_model
+
+    checkpoint = run_checkpoint(checkpoint, "CHECKPOINT")
+    guard_files(reads={"CHECKPOINT": checkpoint, "--threshold-file": threshold_file}, writes={"--out": out})
 
     result = export_model(checkpoint, out, fmt, fusion=fusion, neck=neck, normalize=normalize,
                           with_preprocessing=with_preprocessing, threshold_file=threshold_file, arch=arch,

@@ -1,11 +1,13 @@
 """``search``: rank a gallery features file for query crops or query features → CSV, same-person decision."""
 
+import os
+
 import click
 
-from partreid.cli._common import common_options, emit_output, guarded, resolve_device
+from partreid.cli._common import Command, common_options, emit_output, guard_files, guarded, resolve_device
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
   partreid search crops/ --gallery gallery.h5 --checkpoint reid.onnx --out matches.csv
   partreid search q.h5 --gallery g.h5 --threshold 0.9 --out matches.csv --show sheet.png
@@ -50,6 +52,10 @@ def main(query, gallery, out, checkpoint, split, topk, threshold, threshold_file
 
     if topk < 1:
         raise InputError(f"--topk must be >= 1, got {topk}")
+    query_is_path = os.path.exists(query) or ":" not in str(query)
+    guard_files(reads={"QUERY": query if query_is_path else None, "--gallery": gallery, "--checkpoint": checkpoint,
+                       "--threshold-file": threshold_file}, specs={} if query_is_path else {"QUERY": query},
+                writes={"--out": out, "--show": show})
     g = read_features(gallery, parts=False)
     thr = resolve_threshold("auto" if threshold is None and threshold_file else threshold, threshold_file,
                             checkpoint, metric, str(g.attrs.get("model_sha256", "")))
