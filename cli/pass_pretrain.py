@@ -78,7 +78,7 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     """
     if ctx.invoked_subcommand is not None:
         return
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.common.errors import InputError
     from partreid.common.data.images import ImageDataset
     from partreid.pass_pretrain.train import PassConfig, train_pass

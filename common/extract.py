@@ -104,7 +104,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
 
     Args:
         loaded: the model (see :func:`common.models.loader.load_model`).
-        ds: the dataset (``partreid.common.data.datasets.ReIDDataset``), used to open images and for provenance.
+        ds: the dataset (``partreid.common.data.ReIDDataset``), used to open images and for provenance.
         frame: the rows to extract (columns path, pid, camid), in output order.
         out: destination ``.h5``.
         split: split name recorded in the file.

@@ -52,7 +52,7 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
     Raises:
         InputError: bad checkpoint, dataset spec or split; see :func:`common.extract.extract_to_file`.
     """
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.common.extract import FeatureOptions, extract_to_file
     from partreid.common.models.loader import load_model
 
@@ -89,7 +89,7 @@ def image_refs(attrs: dict, paths) -> list:
 
     root = Path(str(attrs.get("dataset_root", "")))
     if (root / "keys.pkl").exists():
-        from partreid.common.data.datasets import load_dataset
+        from partreid.common.data import load_dataset
 
         ds = load_dataset(str(attrs.get("dataset")), verbose=False)
         return [functools.partial(ds.open_image, p) for p in paths]

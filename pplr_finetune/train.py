@@ -185,7 +185,7 @@ class _Run:
     """State of one fine-tuning run (kept in one object so the epoch steps read top to bottom)."""
 
     def __init__(self, cfg: FinetuneConfig, out_dir: Path):
-        from partreid.common.data.datasets import load_dataset
+        from partreid.common.data import load_dataset
 
         self.cfg = cfg
         self.out = Path(out_dir)
