@@ -54,6 +54,10 @@ Examples:
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default="auto", show_default=True,
               help="auto: bf16 where supported, else fp16 with a scaler, on CUDA; off on CPU.")
 @click.option("--workers", "-j", type=int, default=4, show_default=True)
+@click.option("--augment-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where the multi-crop augmentation runs. cpu: PIL in the data-loader workers (the reference); "
+                   "device: workers only decode, crops and colour run batched on the training device; "
+                   "auto: device on CUDA, else cpu.")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True,
               help="Also checkpoint every N iterations (0: epoch ends only).")
 @click.option("--stop-after-iters", type=int, default=None, help="Stop (with a checkpoint) after N iterations.")
@@ -68,7 +72,7 @@ Examples:
 def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, image_size, local_size,
          local_crops_per_band, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
          clip_grad, clip_mode, freeze_last_layer, drop_path, depth, amp, workers, checkpoint_every, stop_after_iters,
-         resume, quiet, refresh_index, strict, device, seed, verbose, debug):
+         resume, quiet, refresh_index, strict, device, seed, verbose, debug, augment_on="auto"):
     """PASS pre-training: DINO self-distillation of a ViT with three [PART] tokens, one per horizontal band.
 
     Paper defaults (ViT-S: 100 epochs, batch 128/GPU, AdamW lr 5e-4 x batch/256, 10 warm-up epochs, 2 global
@@ -93,10 +97,11 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
                         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                         momentum_teacher=momentum_teacher, clip_grad=clip_grad, clip_mode=clip_mode,
                         freeze_last_layer=freeze_last_layer, amp=amp, seed=seed, num_workers=workers, device=device,
-                        checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet)
+                        checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet,
+                        augment_on=augment_on)
     ds = load_dataset(spec, refresh=refresh_index, strict=strict)
-    frame = ds.split("train") if "train" in set(ds.frame["split"]) else ds.frame
-    ckpt = train_pass(config, ImageDataset(ds, frame.reset_index(drop=True), transform=None), out, resume=resume)
+    frame = ds.split("train") if "train" in ds.splits and len(ds.splits) > 1 else None  # None: every row
+    ckpt = train_pass(config, ImageDataset(ds, frame, transform=None), out, resume=resume)
     from partreid.common.distributed import is_main_process
 
     if is_main_process():

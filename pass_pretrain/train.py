@@ -45,7 +45,8 @@ from partreid.common.errors import InputError
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
 from partreid.common.fileio import atomic_path
 from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
-from partreid.pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
+from partreid.pass_pretrain.augment import (CropLayout, DecodedImages, DeviceMultiCrop, PassMultiCropAugment,
+                                           collate_uint8, device_views, resolve_augment_on, seeded_call)
 from partreid.pass_pretrain.heads import PASSMultiCrop
 from partreid.pass_pretrain.loss import PASSLoss
 from partreid.pass_pretrain.schedules import pass_schedules, scaled_lr
@@ -121,6 +122,7 @@ class PassConfig:
     stop_after_iters: Optional[int] = None
     export_on_finish: bool = True
     progress: bool = True
+    augment_on: str = "auto"  # 'cpu' (PIL in the workers), 'device' (batched on the training device), 'auto'
 
     def validate(self) -> "PassConfig":
         """Check value ranges; raises InputError with a one-line message. Returns self."""
@@ -152,7 +154,7 @@ class PassConfig:
 
 #: config fields that may change between an interrupted run and its resumption (they do not affect results).
 _RESUME_FREE = {"num_workers", "device", "checkpoint_every", "snapshot_every", "stop_after_iters",
-                "export_on_finish", "progress"}
+                "export_on_finish", "progress", "augment_on"}
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -570,6 +572,12 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
         if augment.layout != trainer.layout:
             raise InputError(f"augmentation layout {augment.layout} differs from the model's {trainer.layout}")
         views_ds = MultiCropDataset(dataset, augment, seed=config.seed)
+        collate, device_aug = collate_views, None
+        if resolve_augment_on(config.augment_on, device) == "device":  # workers only decode
+            device_aug = DeviceMultiCrop(tuple(config.image_size), tuple(config.local_size),
+                                         tuple(config.global_crops_scale), tuple(config.local_crops_scale),
+                                         local_per_band=config.local_crops_per_band)
+            views_ds, collate = DecodedImages(dataset), collate_uint8
 
         metrics_path = out_dir / METRICS_NAME
         writer = None
@@ -609,7 +617,7 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                 views_ds.set_epoch(epoch)
                 loader = DataLoader(views_ds, batch_size=config.batch_size,
                                     sampler=SkipSampler(sampler, skip * config.batch_size),
-                                    num_workers=config.num_workers, collate_fn=collate_views, drop_last=True,
+                                    num_workers=config.num_workers, collate_fn=collate, drop_last=True,
                                     pin_memory=device.type == "cuda",
                                     generator=torch.Generator().manual_seed(config.seed + epoch))
                 bar = tqdm(total=niter, initial=skip, desc=f"epoch {epoch}", file=sys.stderr,
@@ -619,6 +627,8 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                 for i, views in enumerate(loader, start=skip):
                     it = epoch * niter + i
                     if views is not None:
+                        if device_aug is not None:
+                            views = device_views(device_aug, views, device, item_seed(config.seed, epoch, n_images + i))
                         stats = trainer.step(views, epoch, it)
                         now = time.perf_counter()
                         ips = views[0].shape[0] * world / max(now - tick, 1e-9)
