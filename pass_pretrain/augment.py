@@ -20,7 +20,7 @@ Two implementations of the same random views:
   solarize then runs batched on the training device with per-sample random parameters drawn from the same
   distributions (:func:`sample_crop_boxes`, :func:`sample_color_params`). Crops are resampled with
   ``torchvision.ops.roi_align`` (bilinear, averaging ⌈box/output⌉² samples per output pixel when shrinking,
-  i.e. antialiased) where PIL uses bicubic; the band geometry is the same function, :func:`band_boxes`.
+  i.e. antialiased) where PIL uses bicubic; the band geometry is that of :func:`band_boxes`.
 
 Both read their constants from :data:`RECIPE`.
 """
@@ -436,36 +436,40 @@ def sample_color_params(n: int, gen: torch.Generator, device: torch.device, blur
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 
 
-def hue_rotation(shift: torch.Tensor) -> torch.Tensor:
-    """(n, 3, 3) RGB matrices rotating the hue by ``shift`` turns (n,) about the grey axis, in the YIQ chroma plane
-    (NVIDIA DALI ``hsv``/``color_twist`` do the same); luma is kept. This is the linear stand-in for the HSV hue
-    shift of ``ColorJitter``: equal for a grey pixel and within a few levels for weakly saturated ones."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=torch.float64, device=shift.device)
-    from_yiq = torch.linalg.inv(to_yiq)
-    angle = shift.to(torch.float64) * (2 * math.pi)
-    c, s = torch.cos(angle), torch.sin(angle)
-    rot = torch.zeros(shift.shape[0], 3, 3, dtype=torch.float64, device=shift.device)
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-    return (from_yiq @ rot @ to_yiq).to(torch.float32)
+def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Shift the HSV hue of (n, 3, h, w) floats in [0, 1] by ``shift`` (n,) turns, as torchvision's
+    ``adjust_hue`` on tensors (which follows Pillow's RGB↔HSV conversion, ``libImaging/Convert.c``).
+
+    HSV → RGB uses the sector-free form: channel c = v·(1 − s·clip(min(k, 4 − k), 0, 1)) with
+    k = (n_c + 6·hue) mod 6 and n = (5, 3, 1) for (r, g, b)."""
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    span = maxc - minc
+    inv = torch.where(span > 0, 1.0 / span.clamp(min=1e-12), torch.zeros_like(span))
+    # hue·6 in [−1, 5): r max → (g − b)/span, g max → 2 + (b − r)/span, b max → 4 + (r − g)/span
+    h6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6.add_(6.0 * shift.view(-1, 1, 1))
+    vs = span  # v·s = max − min
+    k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)
+    k = torch.remainder(k, 6.0)
+    k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(1) - vs.unsqueeze(1) * k
 
 
-def color_affine(params: Dict[str, torch.Tensor], mean_rgb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample colour jitter (in each sample's random order) then grayscale, composed into one affine map.
+def jitter_affine(params: Dict[str, torch.Tensor], mean_rgb: torch.Tensor,
+                  after_hue: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The brightness, contrast and saturation adjustments that come before (``after_hue`` False) or after
+    (True) each sample's hue adjustment in its random order, composed into one affine colour map per sample;
+    with ``after_hue`` the grayscale step is appended.
 
-    Each adjustment is affine in RGB: brightness ``f·x``; saturation ``f·x + (1−f)·gray(x)``; contrast
-    ``f·x + (1−f)·mean gray of the image`` (the mean of an affine image is the same affine map of its mean
-    colour, ``mean_rgb``); hue :func:`hue_rotation`; grayscale ``gray(x)`` on all three channels. With the
-    clipping to [0, 1] done once after the whole map (instead of after each adjustment, as PIL does on uint8),
-    the composition is one 3×3 matrix and an offset per sample.
-
-    Args:
-        params: :func:`sample_color_params` output (n samples).
-        mean_rgb: float (n, 3), mean colour of each crop.
+    Each of these adjustments is affine in RGB: brightness ``f·x``; saturation ``f·x + (1−f)·gray(x)``;
+    contrast ``f·x + (1−f)·mean gray of the image``, where the mean of an affine image is the same map of the
+    mean colour ``mean_rgb`` (n, 3); grayscale ``gray(x)`` on all three channels. Samples without jitter get
+    the identity (then grayscale).
 
     Returns:
-        (A float32 (n, 3, 3), b float32 (n, 3)) so that a pixel becomes ``A @ rgb + b``.
+        (A float32 (n, 3, 3), b float32 (n, 3)): a pixel becomes ``A @ rgb + b``.
     """
     n = mean_rgb.shape[0]
     dev = mean_rgb.device
@@ -474,25 +478,25 @@ def color_affine(params: Dict[str, torch.Tensor], mean_rgb: torch.Tensor) -> Tup
     gray_m = g.view(1, 1, 3).expand(n, 3, 3)  # every output channel = luma
     A = eye.clone()
     b = torch.zeros(n, 3, device=dev)
-    hue = hue_rotation(params["hue"])
+    order = params["order"]
+    hue_pos = torch.argmax((order == 3).to(torch.int8), dim=1)
     for pos in range(4):
-        op = torch.where(params["jitter"], params["order"][:, pos], torch.full_like(params["order"][:, pos], -1))
-        M = eye.clone()
-        c = torch.zeros(n, 3, device=dev)
+        side = (pos > hue_pos) if after_hue else (pos < hue_pos)
+        op = torch.where(params["jitter"] & side, order[:, pos], torch.full_like(order[:, pos], -1))
         f = params["brightness"].view(n, 1, 1)
-        M = torch.where((op == 0).view(n, 1, 1), f * eye, M)
+        M = torch.where((op == 0).view(n, 1, 1), f * eye, eye)
         fc = params["contrast"].view(n, 1)
         mean_gray = ((A @ mean_rgb.unsqueeze(2)).squeeze(2) + b) @ g  # (n,)
         M = torch.where((op == 1).view(n, 1, 1), fc.view(n, 1, 1) * eye, M)
-        c = torch.where((op == 1).view(n, 1), ((1 - fc) * mean_gray.view(n, 1)).expand(n, 3), c)
+        c = torch.where((op == 1).view(n, 1), ((1 - fc) * mean_gray.view(n, 1)).expand(n, 3), torch.zeros_like(b))
         fs = params["saturation"].view(n, 1, 1)
         M = torch.where((op == 2).view(n, 1, 1), fs * eye + (1 - fs) * gray_m, M)
-        M = torch.where((op == 3).view(n, 1, 1), hue, M)
         A = M @ A
         b = (M @ b.unsqueeze(2)).squeeze(2) + c
-    gray = params["gray"].view(n, 1, 1)
-    A = torch.where(gray, gray_m @ A, A)
-    b = torch.where(gray.view(n, 1), (gray_m @ b.unsqueeze(2)).squeeze(2), b)
+    if after_hue:
+        gray = params["gray"].view(n, 1, 1)
+        A = torch.where(gray, gray_m @ A, A)
+        b = torch.where(gray.view(n, 1), (gray_m @ b.unsqueeze(2)).squeeze(2), b)
     return A, b
 
 
@@ -529,7 +533,12 @@ def color_pipeline(x: torch.Tensor, params: Dict[str, torch.Tensor], mean: Seque
     idx = torch.nonzero(params["flip"]).squeeze(1)
     if idx.numel():
         x[idx] = x[idx].flip(3)
-    A, b = color_affine(params, x.mean(dim=(2, 3)))
+    A, b = jitter_affine(params, x.mean(dim=(2, 3)), after_hue=False)
+    x = torch.baddbmm(b.unsqueeze(2), A, x.view(n, 3, hgt * wid)).view(n, 3, hgt, wid).clamp_(0.0, 1.0)
+    idx = torch.nonzero(params["jitter"]).squeeze(1)
+    if idx.numel():
+        x[idx] = hue_shift(x[idx], params["hue"][idx])
+    A, b = jitter_affine(params, x.mean(dim=(2, 3)), after_hue=True)
     x = torch.baddbmm(b.unsqueeze(2), A, x.view(n, 3, hgt * wid)).view(n, 3, hgt, wid).clamp_(0.0, 1.0)
     idx = torch.nonzero(params["blur"]).squeeze(1)
     if idx.numel():
@@ -552,11 +561,12 @@ class DeviceMultiCrop:
 
     How: every crop of the batch is cut and resized in one ``torchvision.ops.roi_align`` call (bilinear,
     averaging ⌈box/output⌉² samples per output pixel when shrinking, i.e. antialiased; PIL uses bicubic). Colour
-    jitter and grayscale are one per-sample affine colour map (:func:`color_affine`) and one clip to [0, 1]; the
-    blur is two batched products with banded matrices; then solarize and the normalisation. Differences from the
-    PIL path, all in pixel values, none in the random parameters: bilinear-area instead of bicubic resampling;
-    float arithmetic without uint8 rounding or clipping between the four jitter adjustments; hue rotated in the
-    YIQ plane (:func:`hue_rotation`).
+    jitter: the brightness/contrast/saturation adjustments before each sample's hue step are one affine colour
+    map (:func:`jitter_affine`), then the exact HSV hue shift (:func:`hue_shift`), then the adjustments after it
+    and grayscale as a second affine map, each map followed by a clip to [0, 1]; the blur is two batched
+    products with banded matrices; then solarize and the normalisation. Differences from the PIL path, all in
+    pixel values, none in the random parameters: bilinear-area instead of bicubic resampling; float arithmetic
+    instead of uint8 rounding; no clip between two consecutive affine adjustments.
 
     Call ``aug(batch, gen)`` → list of ``layout.n_views`` float32 tensors (B, 3, h, w), ImageNet-normalised;
     ``gen`` is a ``torch.Generator`` on ``batch.images``'s device (seed it per iteration for reproducibility).
