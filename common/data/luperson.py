@@ -273,6 +273,14 @@ class LupersonDataset(ReIDDataset):
     def path_at(self, row: int) -> str:
         return self.paths[row]
 
+    def summary(self) -> str:
+        """Summary table as for other datasets (unlabelled: no ids, no cameras), without building the frame."""
+        head = f"dataset {self.kind}: {self.root}"
+        return "\n".join([head, "  split    |  # ids | # images | # cameras",
+                           "  ---------+--------+----------+----------",
+                           f"  {'train':<8} | {'-':>6} | {len(self):>8} | {'-':>9}",
+                           f"  fingerprint {self.fingerprint[:24]}..."])
+
     def __getstate__(self) -> Dict:
         state = dict(self.__dict__)
         state["_frame"] = None

@@ -110,7 +110,8 @@ def load_dataset(spec: str, *, verbose: bool = True, strict: bool = False,
     ds.warnings = log.warnings
     if len(ds) == 0:
         raise InputError(f"{spec}: no images found in {ds.root} (accepted: {', '.join(IMAGE_EXTENSIONS)})")
-    log.info(ds.summary())
+    if verbose:
+        log.info(ds.summary())
     return ds
 
 
