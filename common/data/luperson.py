@@ -59,12 +59,16 @@ class PathTable(Sequence[str]):
     @classmethod
     def from_strings(cls, items: Iterable[str]) -> "PathTable":
         """Build a table from str (kept in the given order)."""
-        encoded = [s.encode("utf-8") for s in items]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        if encoded:
-            np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        return cls(blob, offsets)
+        items = items if isinstance(items, list) else list(items)
+        text = "".join(items)
+        data = text.encode("utf-8")
+        if len(data) == len(text):  # ASCII: byte lengths are the str lengths
+            lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        else:
+            lengths = np.fromiter((len(s.encode("utf-8")) for s in items), dtype=np.int64, count=len(items))
+        offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.frombuffer(data, dtype=np.uint8), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
