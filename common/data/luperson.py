@@ -391,6 +391,10 @@ class LmdbReader:
 
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = Path(path)
+        self._env: Optional[Tuple[int, object]] = None  # (pid, environment) of the last read
+
+    def __getstate__(self) -> Dict:
+        return {"path": self.path, "_env": None}
 
     def get(self, key: str) -> bytes:
         """The bytes stored under ``key``.
@@ -399,7 +403,10 @@ class LmdbReader:
             OSError: the key is absent or the LMDB cannot be read.
         """
         lmdb = import_lmdb()
-        env = lmdb_environment(self.path)  # per process, shared with other readers of the same LMDB
+        pid = os.getpid()
+        if self._env is None or self._env[0] != pid:
+            self._env = (pid, lmdb_environment(self.path))  # per process, shared with other readers
+        env = self._env[1]
         try:
             with env.begin(write=False) as txn:
                 data = txn.get(key.encode("utf-8"))
