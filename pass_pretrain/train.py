@@ -11,6 +11,9 @@ Reproducibility and resume
 * Augmentation: item i of epoch e is augmented under torch's CPU RNG seeded from (seed, e, i) and the caller's
   RNG state is restored afterwards (:func:`pass_pretrain.augment.seeded_call`), so the views do not depend on the
   number of data-loader workers, on the order they run in, or on where a run was interrupted.
+  With ``augment_on='device'`` (:class:`pass_pretrain.augment.DeviceMultiCrop`) the workers only decode, and the
+  views of iteration i of epoch e are drawn on the training device from a generator seeded from (seed, rank, e, i):
+  just as reproducible, though not the same views as the PIL path's.
 * Training RNG (stochastic depth): the python, numpy, torch and CUDA RNG states are stored in every checkpoint
   and restored on resume (rank 0's; other ranks are reseeded from (seed, rank, iteration)).
 * A checkpoint (``checkpoint.pth``, written atomically every ``checkpoint_every`` iterations, at every epoch end
@@ -628,7 +631,8 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                     it = epoch * niter + i
                     if views is not None:
                         if device_aug is not None:
-                            views = device_views(device_aug, views, device, item_seed(config.seed, epoch, n_images + i))
+                            views = device_views(device_aug, views, device,  # seed of (run, rank, epoch, iteration)
+                                                 item_seed(config.seed + 7919 * rank, epoch, n_images + i))
                         stats = trainer.step(views, epoch, it)
                         now = time.perf_counter()
                         ips = views[0].shape[0] * world / max(now - tick, 1e-9)
