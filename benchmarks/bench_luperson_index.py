@@ -158,7 +158,7 @@ def main() -> None:
         row("generate the listing (stands in for the scan)", f"{t_gen:.2f} s")
         ordered, t_sort = timed(lambda: sorted(paths))
         row("sorted() (floor of any build)", f"{t_sort:.2f} s")
-        fp, t_fp = timed(lambda: compute_fingerprint(ordered))
+        fp, t_fp = timed(lambda: compute_fingerprint(ordered, presorted=True))
         table, t_tab = timed(lambda: PathTable.from_strings(ordered))
         row("fingerprint (sha256 of the sorted paths)", f"{t_fp:.2f} s", f"{t_fp / t_sort:.2f}x sorted()")
         row("PathTable from the sorted list", f"{t_tab:.2f} s", f"{t_tab / t_sort:.2f}x sorted()")

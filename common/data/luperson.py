@@ -231,7 +231,7 @@ def load_file_index(root: Path, *, refresh: bool = False,
         if hit is not None:
             return hit[0], hit[1], f"cache:{cache}"
     paths = sorted(walk_images(root))
-    fingerprint = compute_fingerprint(paths)
+    fingerprint = compute_fingerprint(paths, presorted=True)
     table = PathTable.from_strings(paths)
     del paths
     _write_cached(cache, identity, table, fingerprint, log, str(root))
@@ -505,7 +505,7 @@ def read_lmdb(root: Path, spec: str, log: LoadLog, refresh: bool = False) -> Lmd
         log.info(f"{spec}: {len(table)} keys from the cached index ({cache})")
     else:
         keys = sorted(_read_keys(db_dir, keys_file, env, log))
-        fingerprint = compute_fingerprint(keys)
+        fingerprint = compute_fingerprint(keys, presorted=True)
         table = PathTable.from_strings(keys)
         del keys
         _write_cached(cache, identity, table, fingerprint, log, str(db_dir))
