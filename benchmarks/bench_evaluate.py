@@ -9,8 +9,8 @@ L2-normalised. Distractors (pid 0) are unit-normalised noise. Cameras are unifor
 
 Each size runs in a fresh subprocess, so the printed peak RSS (``ru_maxrss``) is that size's whole-process
 peak: Python + torch + the features (Q+G)×D float32 + the evaluation. The "peer" line times the peers'
-approach (reference-spec §E.2/§E.3: full Q×G float32 distance matrix, ``np.argsort`` of every row, a dense
-match matrix, a loop over queries), written here from that description, at Market size only; at MSMT size
+approach (TransReID ``utils/metrics.py`` ``eval_func``: full Q×G float32 distance matrix, ``np.argsort`` of every row,
+a dense match matrix, a loop over queries), written here from that description, at Market size only; at MSMT size
 only its memory estimate is printed.
 
 Usage::
@@ -75,7 +75,8 @@ def make_features(name: str, dim: int, seed: int = 0, scale_range=(1.6, 2.6)):
 
 
 def peer_evaluate(qf, gf, q_pids, q_camids, g_pids, g_camids, max_rank=50):
-    """The peers' dense approach (spec §E.2): full distmat, argsort of all rows, match matrix, query loop."""
+    """The peers' dense approach (TransReID ``utils/metrics.py`` ``eval_func``): full distmat, argsort of all rows,
+    match matrix, query loop."""
     import torch
     q, g = torch.from_numpy(qf), torch.from_numpy(gf)
     distmat = (torch.pow(q, 2).sum(1, keepdim=True) + torch.pow(g, 2).sum(1, keepdim=True).t())

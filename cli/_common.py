@@ -21,7 +21,6 @@ from typing import Callable, Optional
 import click
 
 from partreid.common import __version__
-from partreid.common.distributed import resolve_device  # noqa: F401 - the commands import it from here
 from partreid.common.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -61,12 +60,34 @@ def emit_output(path) -> None:
     sys.stdout.flush()
 
 
-def seed_everything(seed: Optional[int]) -> None:
-    """Seed Python, NumPy and torch RNGs (no-op for None)."""
-    if seed is not None:
+def resolve_device(device: str) -> str:
+    """``--device auto|cpu|cuda`` → a torch device string (see :func:`partreid.common.distributed.resolve_device`).
+
+    Imports torch: call it only in commands that run a network.
+    """
+    from partreid.common.distributed import resolve_device as resolve
+
+    return resolve(device)
+
+
+def seed_everything(seed: Optional[int], torch: bool = True) -> None:
+    """Seed Python and NumPy, and with ``torch=True`` torch too (no-op for None).
+
+    Commands that run no network pass ``torch=False`` so that torch is never imported.
+    """
+    if seed is None:
+        return
+    if torch:
         from partreid.common.rng import seed_everything as seed_all
 
         seed_all(seed)
+    else:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
 
 
 def common_options(func: Callable) -> Callable:

@@ -59,7 +59,7 @@ def main(features, out, k1, k2, eps, min_samples, convention, knn_method, sweep_
                                          sweep=parse_sweep(sweep_eps), device=device)
     click.echo(report, err=True)
     if plot_clusters:
-        from partreid.common.pipeline import plot_clusters_file
+        from partreid.cli._stages import plot_clusters_file
 
         click.echo(f"clusters picture: {plot_clusters_file(path, plot_clusters)}", err=True)
     emit_output(path)

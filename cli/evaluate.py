@@ -6,6 +6,7 @@ import click
 
 from partreid.cli._common import common_options, emit_output, guarded, read_input_path, resolve_device, seed_everything
 from partreid.cli.extract_features import parse_size
+from partreid.common.models.archs import ARCHS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -32,7 +33,7 @@ Examples:
               help="With --checkpoint: global feature of a ViT.")
 @click.option("--neck", type=click.Choice(["after", "before"]), default="after", show_default=True)
 @click.option("--flip/--no-flip", default=False, show_default=True)
-@click.option("--arch", default=None)
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None, help="With --checkpoint: force the architecture.")
 @click.option("--image-size", default=None, help="HxW pixels.")
 @click.option("--batch-size", "-b", type=int, default=64, show_default=True)
 @click.option("--workers", "-j", type=int, default=2, show_default=True)
@@ -51,11 +52,11 @@ def main(query, gallery, checkpoint, spec, rerank, k1, k2, lambda_value, protoco
     Distances and rankings are processed in chunks of queries, so memory stays bounded. Without --out the
     table is printed on stdout.
     """
+    from partreid.cli._stages import evaluate_checkpoint, evaluate_files, format_metrics_table
     from partreid.common.errors import InputError
     from partreid.common.fileio import atomic_path
-    from partreid.common.pipeline import evaluate_checkpoint, evaluate_files, format_metrics_table
 
-    seed_everything(seed)
+    seed_everything(seed, torch=bool(checkpoint))  # torch only when a network runs
     kwargs = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric,
                   show_ranks=show_ranks)
     if checkpoint:

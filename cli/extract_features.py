@@ -3,6 +3,7 @@
 import click
 
 from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
+from partreid.common.models.archs import ARCHS
 
 
 def parse_size(value):
@@ -39,7 +40,7 @@ Examples:
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Average with the mirrored image.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise features.")
 @click.option("--no-parts", is_flag=True, help="Do not store part features.")
-@click.option("--arch", default=None, help="Force the architecture (vit_tiny/vit_small/vit_base/resnet50).")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None, help="Force the architecture.")
 @click.option("--image-size", default=None, help="Input size HxW in pixels (default: the checkpoint's).")
 @click.option("--interpolation", type=click.Choice(["bicubic", "bilinear"]), default="bicubic", show_default=True)
 @click.option("--batch-size", "-b", type=int, default=64, show_default=True)
@@ -57,7 +58,7 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     output path on stdout.
     """
     from partreid.common.distributed import init_distributed
-    from partreid.common.pipeline import extract_features
+    from partreid.cli._stages import extract_features
 
     seed_everything(seed)
     device = init_distributed(resolve_device(device))

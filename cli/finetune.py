@@ -4,6 +4,7 @@ import click
 
 from partreid.cli._common import common_options, emit_output, guarded, resolve_device, seed_everything
 from partreid.cli.extract_features import parse_size
+from partreid.common.models.archs import ARCHS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -24,7 +25,8 @@ Examples:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--preset", type=click.Choice(["pplr", "pplr-cam", "pplr-sgd", "pass-usl"]), default="pplr",
               show_default=True, help="Hyper-parameter preset; options below override it.")
-@click.option("--arch", default=None, help="vit_tiny/vit_small/vit_base (detected from the checkpoint) or resnet50.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
+              help="Backbone; a ViT size is detected from the checkpoint.")
 @click.option("--fusion", type=click.Choice(["cat", "mean"]), default=None, help="Global = CLS fused with mean PART "
                                                                                "[default: cat].")
 @click.option("--image-size", default=None, help="HxW pixels [default: the backbone's: 256x128 ViT, 384x128 ResNet].")
@@ -95,8 +97,14 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
         classifier_capacity=classifier_capacity, eval_every=eval_every, eval_data=eval_data, labels=labels_file,
         keep_intermediate=keep_intermediate, resnet_weights=resnet_weights, workers=workers, amp=amp,
         resume=resume, seed=seed, device=device, progress=not quiet)
-    path = finetune(cfg, out, plot=plot)
+    path = finetune(cfg, out)
     from partreid.common.distributed import is_main_process
 
     if is_main_process():
+        if plot:
+            from pathlib import Path
+
+            from partreid.cli._plots import plot_history
+
+            click.echo(f"curves: {plot_history(Path(out) / 'metrics.csv', Path(out) / 'metrics.png')}", err=True)
         emit_output(path)

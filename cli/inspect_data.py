@@ -22,6 +22,6 @@ def main(target, device, seed, verbose, debug):
     csv:FILE, luperson:ROOT or a bare NAME under $REID_DATA), a features file or a labels file. When omitted
     or '-', the path is read from stdin. The summary itself is this command's output (stdout).
     """
-    from partreid.common.inspect import describe
+    from partreid.cli._inspect import describe
 
     click.echo(describe(read_input_path(target, "dataset spec or file")))

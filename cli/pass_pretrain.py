@@ -4,6 +4,7 @@ import click
 
 from partreid.cli._common import common_options, emit_output, guarded, read_input_path
 from partreid.cli.extract_features import parse_size
+from partreid.common.models.archs import VIT_ARCHS
 
 
 class _TrainOrExport(click.Group):
@@ -29,7 +30,7 @@ Examples:
 @click.option("--data", "-d", "spec", default=None, help="Unlabelled images: a dataset spec or a NAME under "
                                                        "$REID_DATA (labels are ignored).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--arch", type=click.Choice(["vit_tiny", "vit_small", "vit_base"]), default="vit_small",
+@click.option("--arch", type=click.Choice(list(VIT_ARCHS)), default="vit_small",
               show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", "-b", type=int, default=128, show_default=True, help="Images per GPU/process.")
@@ -83,8 +84,9 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     if ctx.invoked_subcommand is not None:
         return
     from partreid.common.data import load_dataset
-    from partreid.common.errors import InputError
     from partreid.common.data.images import ImageDataset
+    from partreid.common.errors import InputError
+    from partreid.common.splits import choose_split
     from partreid.pass_pretrain.train import PassConfig, train_pass
 
     if not spec or not out:
@@ -100,7 +102,8 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
                         checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet,
                         augment_on=augment_on)
     ds = load_dataset(spec, refresh=refresh_index, strict=strict)
-    frame = ds.split("train") if "train" in ds.splits and len(ds.splits) > 1 else None  # None: every row
+    # one split (LUPerson): every row, served from the dataset's own path table without building a frame
+    frame = None if len(ds.splits) <= 1 else choose_split(ds, None, unlabelled=True)[1]
     ckpt = train_pass(config, ImageDataset(ds, frame, transform=None), out, resume=resume)
     from partreid.common.distributed import is_main_process
 

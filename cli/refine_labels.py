@@ -26,6 +26,11 @@ def main(labels, out, k, plot, device, seed, verbose, debug):
     """
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
 
-    path, report = refine_labels_file(read_input_path(labels, "labels file"), out, k=k, plot=plot, device=device)
+    path, report = refine_labels_file(read_input_path(labels, "labels file"), out, k=k, device=device)
     click.echo(report, err=True)
+    if plot:
+        from partreid.cli._plots import plot_agreement
+        from partreid.common.h5io import read_labels
+
+        click.echo(f"histograms: {plot_agreement(read_labels(path).agreement, plot)}", err=True)
     emit_output(path)

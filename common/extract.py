@@ -2,7 +2,8 @@
 
 The same functions serve ``extract-features``, ``evaluate --checkpoint`` and every epoch of ``finetune``.
 
-Feature definitions (reference-spec §A.9, §B.1, §C.1):
+Feature definitions (PASS-reID ``TR/model/make_model.py`` ``build_transformer_pass``; PPLR
+``pplr/models/resnet_part.py`` ``ResNetPart``; PPLR ``examples/train_pplr.py`` ``extract_all_features``):
 
 - ViT backbone (PASS): ``fusion='cls'`` gives the [CLS] output; ``'cat'`` gives [f_cls ; mean(f_part)]
   (2D); ``'mean'`` gives (f_cls + mean(f_part))/2 (D). Parts are the three [PART] outputs.
@@ -17,19 +18,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+from tqdm import tqdm
 
+from partreid.common.data.decode import open_image_file
+from partreid.common.data.images import ImageDataset, collate_skip_none
+from partreid.common.distributed import autocast, rank as dist_rank, resolve_device, world_size as dist_world_size
 from partreid.common.errors import InputError
 from partreid.common.h5io import FeaturesWriter
-from partreid.common.distributed import autocast, rank as dist_rank, world_size as dist_world_size
-from partreid.common.models.loader import LoadedModel
+from partreid.common.models.loader import LoadedModel, load_model
 from partreid.common.models.reid import fuse_features
 
 log = logging.getLogger("partreid.extract")
@@ -42,11 +49,18 @@ def eval_transform(image_size: Tuple[int, int], mean: Sequence[float], std: Sequ
     Returns:
         a torchvision transform mapping a PIL image to a float32 tensor (3, H, W).
     """
-    from torchvision import transforms as T
-
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
     return T.Compose([T.Resize(tuple(image_size), interpolation=interp), T.ToTensor(),
                       T.Normalize(mean=list(mean), std=list(std))])
+
+
+def resolve_fusion(loaded: LoadedModel, fusion: str) -> str:
+    """``'auto'`` → ``'cat'`` for a ViT (PASS's retrieval feature [f_cls ; mean(f_part)], PASS-reID
+    ``TR/model/make_model.py`` ``neck_feat``), ``'cls'`` for ResNet-50 (PPLR uses the GAP feature) and for
+    fine-tuned models (they carry their own fusion); any other value is returned unchanged."""
+    if fusion != "auto":
+        return fusion
+    return "cat" if loaded.kind == "vit" else "cls"
 
 
 @dataclass
@@ -120,8 +134,6 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
     Raises:
         InputError: empty selection, or an unreadable image with ``strict=True``.
     """
-    from partreid.common.data.images import ImageDataset, collate_skip_none
-
     opts = opts or FeatureOptions()
     if len(frame) == 0:
         raise InputError(f"{getattr(ds, 'spec', ds)}: no images in split {split or 'all'!r}")
@@ -159,7 +171,6 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
 
     global_batch = batch_size * world
     n = len(frame)
-    from tqdm import tqdm
 
     bar = tqdm(total=n, initial=start, unit="img", desc=f"extract {split or ''}".strip(),
                disable=not progress or rank != 0, leave=False)
@@ -231,15 +242,11 @@ def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOpti
         (global (N', Dg) float32, parts (N', P, Dp) float32 or None, kept (N',) int64 row indices into ``frame``;
         unreadable images are left out).
     """
-    from partreid.common.data.images import ImageDataset, collate_skip_none
-
     opts = opts or FeatureOptions()
     model = loaded.model.to(device).eval()
     transform = eval_transform(loaded.image_size, loaded.pixel_mean, loaded.pixel_std, interpolation)
     loader = DataLoader(ImageDataset(ds, frame, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_skip_none)
-    from tqdm import tqdm
-
     gs, ps, ids = [], [], []
     for images, idx in tqdm(loader, total=math.ceil(len(frame) / batch_size), unit="batch", leave=False,
                             disable=not progress, desc="extract"):
@@ -254,3 +261,138 @@ def extract_arrays(loaded: LoadedModel, ds, frame, *, opts: Optional[FeatureOpti
         raise InputError("no readable images to extract")
     parts = np.concatenate(ps) if ps[0] is not None else None
     return np.concatenate(gs), parts, np.concatenate(ids)
+
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+class FeatureExtractor:
+    """Features of images in memory or on disk, in one call (like torchreid's ``FeatureExtractor``).
+
+    ``FeatureExtractor(model_path="backbone.pth", device="cuda")(["a.jpg", "b.jpg"])`` returns
+    ``{"global": (N, D) float32, "parts": (N, P, Dp) float32}`` NumPy arrays, row i for input i: the features
+    ``extract-features`` would write for the same images and options (same model loader, test transform, fusion
+    and normalisation; see the module docstring for the definitions).
+
+    Args:
+        model_path: any checkpoint :func:`partreid.common.models.loader.load_model` accepts (a PASS backbone,
+            a ``pass-pretrain`` run checkpoint or export, a ``finetune`` model, a timm ViT or torchvision
+            ResNet-50 state dict) or ``random:ARCH`` (e.g. ``random:vit_tiny``) for a randomly initialised model.
+        model: instead of ``model_path``, an already loaded :class:`~partreid.common.models.loader.LoadedModel`.
+        device: ``'auto'`` (CUDA when available, else CPU), ``'cpu'`` or ``'cuda[:i]'``. On CUDA the forward pass
+            runs under autocast (bf16 where supported); outputs are float32 either way.
+        fusion: global feature of a ViT backbone: ``'auto'`` (``'cat'``: [f_cls ; mean(f_part)], 2D wide),
+            ``'cls'`` (D) or ``'mean'`` (D); ignored by fine-tuned models, which carry their own.
+        neck: fine-tuned models: ``'after'`` (BNNeck output, PPLR's retrieval feature) or ``'before'``.
+        flip: average each image's features with those of its horizontal mirror (before normalisation).
+        normalize: L2-normalise the global feature and each part feature (rows of unit length).
+        batch_size: images per forward pass.
+        arch, image_size: force the architecture or the input (H, W) in pixels (default: from the checkpoint).
+        interpolation: resize filter, ``'bicubic'`` (the papers') or ``'bilinear'``.
+
+    Inputs (``__call__``), one item or a list/tuple of items, which may be mixed:
+
+    - a path (str or ``os.PathLike``) to an image file;
+    - a ``PIL.Image.Image`` (any mode; converted to RGB);
+    - a NumPy ``uint8`` array, H×W×3 RGB (one image) or N×H×W×3 (a batch of images);
+    - a ``torch.Tensor``, float (3, H, W) or (N, 3, H, W), taken as model input as it is: already resized to
+      :attr:`image_size` and normalised with :attr:`pixel_mean` / :attr:`pixel_std`.
+
+    Paths, PIL images and arrays go through the test transform of the checkpoint: resize to (H, W), scale to
+    [0, 1], normalise with its mean/std.
+
+    Returns (``__call__``):
+        dict with ``"global"``: float32 (N, D) and ``"parts"``: float32 (N, P, Dp) NumPy arrays (P = 3).
+
+    Raises:
+        InputError: an unreadable image file, an array that is not uint8 H×W×3, a tensor of the wrong shape,
+            no input, or a bad checkpoint (from the loader).
+    """
+
+    def __init__(self, model_path: Optional[str] = None, *, model: Optional[LoadedModel] = None,
+                 device: str = "auto", fusion: str = "auto", neck: str = "after", flip: bool = False,
+                 normalize: bool = True, batch_size: int = 64, arch: Optional[str] = None,
+                 image_size: Optional[Tuple[int, int]] = None, interpolation: str = "bicubic"):
+        if (model_path is None) == (model is None):
+            raise InputError("FeatureExtractor needs model_path or model (one of them)")
+        self.loaded = model if model is not None else load_model(str(model_path), arch=arch, image_size=image_size)
+        self.device = resolve_device(device)
+        self.options = FeatureOptions(fusion=resolve_fusion(self.loaded, fusion), neck=neck, flip=flip,
+                                      normalize=normalize, parts=True)
+        self.batch_size = max(1, int(batch_size))
+        self.transform = eval_transform(self.loaded.image_size, self.loaded.pixel_mean, self.loaded.pixel_std,
+                                        interpolation)
+        self.loaded.model.to(self.device).eval()
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """Model input (H, W) in pixels."""
+        return self.loaded.image_size
+
+    @property
+    def pixel_mean(self) -> Tuple[float, float, float]:
+        """RGB mean (0-1 scale) the inputs are normalised with."""
+        return self.loaded.pixel_mean
+
+    @property
+    def pixel_std(self) -> Tuple[float, float, float]:
+        """RGB standard deviation (0-1 scale) the inputs are normalised with."""
+        return self.loaded.pixel_std
+
+    def _to_tensors(self, item: ImageInput) -> torch.Tensor:
+        """One input item → float (n, 3, H, W) model input."""
+        if isinstance(item, torch.Tensor):
+            x = item.detach()
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            if x.dim() != 4 or x.shape[1] != 3:
+                raise InputError(f"a tensor input must be (3, H, W) or (N, 3, H, W), got {tuple(x.shape)}")
+            return x.float()
+        if isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or item.ndim not in (3, 4) or item.shape[-1] != 3:
+                raise InputError(f"an array input must be uint8 H×W×3 or N×H×W×3 (RGB), got {item.dtype} "
+                                 f"{item.shape}")
+            batch = item[None] if item.ndim == 3 else item
+            return torch.stack([self.transform(Image.fromarray(np.ascontiguousarray(a), "RGB")) for a in batch])
+        if isinstance(item, Image.Image):
+            return self.transform(item.convert("RGB")).unsqueeze(0)
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                image = open_image_file(item)
+            except OSError as exc:
+                raise InputError(str(exc).splitlines()[0]) from None
+            return self.transform(image).unsqueeze(0)
+        raise InputError(f"cannot extract features from a {type(item).__name__}: give paths, PIL images, "
+                         f"uint8 H×W×3 arrays or tensors")
+
+    @torch.no_grad()
+    def __call__(self, inputs) -> Dict[str, np.ndarray]:
+        items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if not items:
+            raise InputError("no images given")
+        gs, ps, pending, count = [], [], [], 0
+
+        def flush():
+            x = torch.cat(pending).to(self.device)
+            with autocast(self.device):
+                g, p = compute_batch(self.loaded, x, self.options)
+            gs.append(g.numpy())
+            ps.append(p.numpy())
+            pending.clear()
+
+        for item in items:
+            x = self._to_tensors(item)
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = x[start:start + self.batch_size]
+                if pending and (count + chunk.shape[0] > self.batch_size or pending[0].shape[2:] != chunk.shape[2:]):
+                    flush()
+                    count = 0
+                pending.append(chunk)
+                count += chunk.shape[0]
+        if pending:
+            flush()
+        return {"global": np.concatenate(gs), "parts": np.concatenate(ps)}
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor({self.loaded.arch}, {self.loaded.source}, input {self.image_size[0]}x"
+                f"{self.image_size[1]}, fusion={self.options.fusion}, device={self.device})")

@@ -32,6 +32,7 @@ export/import format.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import os
@@ -543,59 +544,74 @@ def features_for_labels(labels: LabelsFile, features_path: Optional[PathLike] = 
 
 # --------------------------------------------------------------------------------------------- CSV export
 def _write_labels_csv(out: Path, labels, paths, pid, camid, agreement, meta, inputs) -> Path:
-    import pandas as pd
-
-    frame = pd.DataFrame({"path": paths, "pid": pid, "camid": camid, "label": labels})
-    if agreement is not None:
-        for j in range(agreement.shape[1]):
-            frame[f"agreement_{j}"] = agreement[:, j]
-    header = [f"# {LABELS_FORMAT} {FORMAT_VERSION}"] + [f"# {k}={json.dumps(_to_attr(v) if not isinstance(v, (int, float, str, bool)) else v)}"
-                                                         for k, v in meta.items() if k not in ("format", "format_version")]
+    """CSV export: ``# partreid.labels VERSION`` and ``# key=json`` attribute lines, then columns path, pid,
+    camid, label and agreement_0..P-1 (stdlib ``csv``; floats written with ``repr``, so they read back exactly)."""
+    header = [f"# {LABELS_FORMAT} {FORMAT_VERSION}"] + [
+        f"# {k}={json.dumps(_to_attr(v) if not isinstance(v, (int, float, str, bool)) else v)}"
+        for k, v in meta.items() if k not in ("format", "format_version")]
+    n_parts = 0 if agreement is None else agreement.shape[1]
     with atomic_path(out, inputs=inputs) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write("\n".join(header) + "\n")
-            frame.to_csv(fh, index=False)
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["path", "pid", "camid", "label"] + [f"agreement_{j}" for j in range(n_parts)])
+            for i in range(len(labels)):
+                row = [str(paths[i]), int(pid[i]), int(camid[i]), int(labels[i])]
+                writer.writerow(row + [repr(float(agreement[i, j])) for j in range(n_parts)])
     return out
 
 
 def _read_labels_csv(path: Path) -> LabelsFile:
-    import pandas as pd
-
     if not path.exists():
         raise InputError(f"{path}: no such labels file")
     attrs: Dict[str, Any] = {}
+    with open(path, encoding="utf-8", newline="") as fh:
+        lines = fh.read().splitlines()
     skip = 0
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.startswith("#"):
-                break
-            skip += 1
-            body = line[1:].strip()
-            if skip == 1:
-                parts = body.split()
-                if len(parts) != 2 or parts[0] != LABELS_FORMAT:
-                    raise InputError(f"{path}: not a {LABELS_FORMAT} CSV export (first line {line.strip()!r})")
-                attrs["format"], attrs["format_version"] = parts[0], int(parts[1])
-            elif "=" in body:
-                key, value = body.split("=", 1)
-                try:
-                    attrs[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    attrs[key] = value
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        skip += 1
+        body = line[1:].strip()
+        if skip == 1:
+            parts = body.split()
+            if len(parts) != 2 or parts[0] != LABELS_FORMAT:
+                raise InputError(f"{path}: not a {LABELS_FORMAT} CSV export (first line {line.strip()!r})")
+            attrs["format"], attrs["format_version"] = parts[0], int(parts[1])
+        elif "=" in body:
+            key, value = body.split("=", 1)
+            try:
+                attrs[key] = json.loads(value)
+            except json.JSONDecodeError:
+                attrs[key] = value
     if "format" not in attrs:
         # a plain CSV: path,label (pid, camid optional) made by hand
         attrs.update({"format": LABELS_FORMAT, "format_version": FORMAT_VERSION})
-    try:
-        frame = pd.read_csv(path, skiprows=skip)
-    except Exception as exc:  # pandas raises many types on malformed CSV
-        raise InputError(f"{path}: unreadable CSV ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in ("path", "label") if c not in frame.columns]
+    rows = list(csv.reader(line for line in lines[skip:] if line.strip()))
+    if not rows:
+        raise InputError(f"{path}: unreadable CSV (no header row)")
+    columns = [c.strip() for c in rows[0]]
+    missing = [c for c in ("path", "label") if c not in columns]
     if missing:
         raise InputError(f"{path}: CSV is missing column(s) {', '.join(missing)}")
-    n = len(frame)
-    agree_cols = sorted([c for c in frame.columns if c.startswith("agreement_")], key=lambda c: int(c.split("_")[1]))
-    agreement = frame[agree_cols].to_numpy(np.float32) if agree_cols else None
-    pid = frame["pid"].to_numpy(np.int64) if "pid" in frame else np.full(n, -1, np.int64)
-    camid = frame["camid"].to_numpy(np.int64) if "camid" in frame else np.full(n, -1, np.int64)
-    return LabelsFile(frame["label"].to_numpy(np.int64), agreement, None,
-                      np.asarray(frame["path"].astype(str), dtype=object), pid, camid, attrs, path)
+    body = rows[1:]
+    bad = next((k for k, r in enumerate(body) if len(r) != len(columns)), None)
+    if bad is not None:
+        raise InputError(f"{path}: unreadable CSV (line {skip + bad + 2} has {len(body[bad])} fields, "
+                         f"expected {len(columns)})")
+
+    def column(name, dtype):
+        j = columns.index(name)
+        try:
+            return np.array([dtype(r[j]) if dtype is str else dtype(float(r[j])) for r in body],
+                            dtype=object if dtype is str else dtype)
+        except ValueError as exc:
+            raise InputError(f"{path}: unreadable CSV (column {name}: {exc})") from None
+
+    n = len(body)
+    agree_cols = sorted([c for c in columns if c.startswith("agreement_")], key=lambda c: int(c.split("_")[1]))
+    agreement = (np.stack([column(c, np.float32) for c in agree_cols], axis=1).astype(np.float32)
+                 if agree_cols and n else (np.zeros((0, len(agree_cols)), np.float32) if agree_cols else None))
+    pid = column("pid", np.int64) if "pid" in columns else np.full(n, -1, np.int64)
+    camid = column("camid", np.int64) if "camid" in columns else np.full(n, -1, np.int64)
+    return LabelsFile(column("label", np.int64), agreement, None, column("path", str), pid, camid, attrs, path)

@@ -79,7 +79,8 @@ RECIPE = AugmentRecipe()
 
 @dataclass(frozen=True)
 class CropLayout:
-    """Order and grouping of the multi-crop views (PASS ``main_pass.py`` ``DataAugmentationDINO``; ``utils.py`` ``MultiCropWrapper``).
+    """Order and grouping of the multi-crop views (PASS ``main_pass.py`` ``DataAugmentationDINO`` "Crop list order",
+    PASS ``utils.py`` ``MultiCropWrapper``).
 
     Views are ``n_global`` global views followed by ``n_bands`` groups of ``local_per_band`` local crops,
     band by band. Band indices are 0-based (band k is routed through [PART_{k+1}]).
@@ -140,12 +141,14 @@ class CropLayout:
 
     @property
     def n_cls_terms(self) -> int:
-        """CLS cross-entropy terms: each teacher global vs every other student view (2×10 = 20; PASS ``main_pass.py`` ``DINOLoss``)."""
+        """CLS cross-entropy terms: each teacher global vs every other student view (2×10 = 20, PASS ``main_pass.py``
+        ``DINOLoss``)."""
         return self.n_global * (self.n_views - 1)
 
     @property
     def n_part_terms(self) -> int:
-        """PART terms over all bands: per band n_global × (n_global + local_per_band − 1) (3×2×4 = 24)."""
+        """PART terms over all bands: per band n_global × (n_global + local_per_band − 1) (3×2×4 = 24, PASS
+        ``main_pass.py`` ``DINOLoss``)."""
         return self.n_bands * self.n_global * (self.n_global + self.local_per_band - 1)
 
     @property
@@ -179,8 +182,8 @@ class CropLayout:
 
 class RandomPILGaussianBlur:
     """Gaussian blur with probability ``p`` and radius uniform in [radius_min, radius_max] (PIL
-    ``ImageFilter.GaussianBlur``; PASS ``utils.py`` ``GaussianBlur``, radius 0.1–2.0). Draws from torch's global RNG so that
-    seeding torch makes the whole augmentation reproducible."""
+    ``ImageFilter.GaussianBlur``; PASS ``utils.py`` ``GaussianBlur``, radius 0.1–2.0). Draws from torch's global RNG
+    so that seeding torch makes the whole augmentation reproducible."""
 
     def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
         self.p, self.radius_min, self.radius_max = float(p), float(radius_min), float(radius_max)
@@ -196,8 +199,8 @@ class RandomPILGaussianBlur:
 
 
 def band_boxes(height: int, width: int, n_bands: int = 3, band_frac: float = 0.5) -> List[Tuple[int, int, int, int]]:
-    """PIL crop boxes (left, top, right, bottom) of the overlapping horizontal part bands (PASS
-    ``main_pass.py`` ``DataAugmentationDINO.__call__``).
+    """PIL crop boxes (left, top, right, bottom) of the overlapping horizontal part bands (PASS ``main_pass.py``
+    ``DataAugmentationDINO``).
 
     Each band has height int(band_frac·H) and full width; tops are evenly spaced from 0 to H − band height, i.e.
     int(k·0.25·H) for k = 0, 1, 2 with the PASS values (rows [0, .5H), [.25H, .75H), [.5H, H)).
@@ -214,7 +217,7 @@ def band_boxes(height: int, width: int, n_bands: int = 3, band_frac: float = 0.5
 
 
 class PassMultiCropAugment:
-    """Multi-crop band augmentation of PASS (``DataAugmentationDINO`` in PASS ``main_pass.py``).
+    """Multi-crop band augmentation of PASS (PASS ``main_pass.py`` ``DataAugmentationDINO``).
 
     Call it on a PIL RGB image; it returns ``layout.n_views`` float32 tensors (3, h, w), ImageNet-normalised, in
     the order of :class:`CropLayout`: 2 global views (``global_size``, RandomResizedCrop scale ``global_scale``)

@@ -1,4 +1,5 @@
-"""DINO projection heads and the PASS multi-crop wrapper (reference-spec §A.4, §A.5)."""
+"""DINO projection heads and the PASS multi-crop wrapper (PASS ``utils.py`` ``MultiCropWrapper``, PASS
+``vision_transformer.py`` ``DINOHead``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from partreid.pass_pretrain.augment import CropLayout
 
 
 class DINOHead(nn.Module):
-    """DINO projection head (``DINOHead`` in PASS/vision_transformer.py; reference-spec §A.5).
+    """DINO projection head (PASS ``vision_transformer.py`` ``DINOHead``).
 
     x (N, in_dim) → MLP in_dim → hidden → … → bottleneck (GELU between layers, optional BatchNorm) → L2
     normalisation → weight-normalised bias-free linear layer bottleneck → out_dim → logits (N, out_dim).
@@ -26,7 +27,7 @@ class DINOHead(nn.Module):
     With ``norm_last_layer=True`` (PASS default, student and teacher) g is frozen, so the layer is a cosine
     classifier over ``out_dim`` prototypes. MLP linears get trunc-normal std 0.02 init and zero bias; the last
     layer keeps PyTorch's default init, as in DINO. Parameter names contain ``last_layer`` so the epoch-0 freeze
-    (§A.7) can find them.
+    (PASS ``utils.py`` ``cancel_gradients_last_layer``) can find them.
 
     Args:
         in_dim: backbone width D.
@@ -82,7 +83,7 @@ class MultiCropOutput(NamedTuple):
 
 
 class PASSMultiCrop(nn.Module):
-    """Backbone + 1+P DINO heads with PASS's token routing (``MultiCropWrapper`` in PASS/utils.py; §A.4–§A.5).
+    """Backbone + 1+P DINO heads with PASS's token routing (PASS ``utils.py`` ``MultiCropWrapper``).
 
     * Global views (all the same size) are concatenated and run as ONE backbone call with all tokens
       ``[CLS, PART1..P]``; their CLS output goes to head 0 and PART_k output to head k.

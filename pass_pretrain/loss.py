@@ -1,5 +1,5 @@
 """PASS self-distillation loss: DINO cross-entropy over CLS and PART tokens (``DINOLoss`` in PASS/main_pass.py;
-reference-spec §A.6)."""
+PASS ``main_pass.py`` ``DINOLoss``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float
                                  n_epochs: int) -> np.ndarray:
     """Teacher temperature τt per epoch (float64 array of length ``max(n_epochs, warmup_epochs)``): linear
     from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_epochs`` epochs (np.linspace, both ends
-    included), then constant (reference-spec §A.6; PASS default 0.04 → 0.04 with 0 warm-up, i.e. constant 0.04)."""
+    included), then constant (PASS ``main_pass.py`` ``DINOLoss``; PASS default 0.04 → 0.04 with 0 warm-up, i.e.
+    constant 0.04)."""
     warm = np.linspace(warmup_teacher_temp, teacher_temp, int(warmup_epochs))
     rest = np.full(max(int(n_epochs) - int(warmup_epochs), 0), float(teacher_temp))
     return np.concatenate([warm, rest])
@@ -47,7 +48,7 @@ def _cross_entropy_sum(student: torch.Tensor, teacher: torch.Tensor, center: tor
 
 def pass_loss(student: MultiCropOutput, teacher: MultiCropOutput, centers: torch.Tensor, layout: CropLayout,
               student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
-    """PASS loss (reference-spec §A.6): mean of the CLS and PART cross-entropy terms.
+    """PASS loss (PASS ``main_pass.py`` ``DINOLoss``): mean of the CLS and PART cross-entropy terms.
 
     * CLS: each teacher global CLS output vs every student CLS output except the same global view
       (2 × 10 = 20 terms with the PASS layout).
@@ -92,7 +93,7 @@ def pass_loss(student: MultiCropOutput, teacher: MultiCropOutput, centers: torch
 
 class PASSLoss(nn.Module):
     """Stateful PASS loss: :func:`pass_loss` plus the four centres and the teacher-temperature schedule
-    (``DINOLoss`` in PASS/main_pass.py; reference-spec §A.6).
+    (PASS ``main_pass.py`` ``DINOLoss``).
 
     Args:
         out_dim: K, head output size (65536).
@@ -136,8 +137,8 @@ class PASSLoss(nn.Module):
     def update_center(self, teacher: MultiCropOutput) -> None:
         """c ← m·c + (1−m)·mean of the teacher's raw outputs over both global views, separately for CLS and each
         PART; the sum and the row count are all-reduced across ranks when torch.distributed is initialised, so
-        the mean is over 2·B·world_size rows (reference-spec §A.6; the row count is all-reduced too, so a rank
-        whose batch lost unreadable images is weighted correctly)."""
+        the mean is over 2·B·world_size rows (PASS ``main_pass.py`` ``DINOLoss``; the row count is all-reduced too, so
+        a rank whose batch lost unreadable images is weighted correctly)."""
         outs: Sequence[torch.Tensor] = (teacher.cls,) + tuple(teacher.parts)
         sums = torch.stack([o.detach().float().sum(dim=0) for o in outs])  # (1+P, K)
         rows = torch.full((1, sums.shape[1]), float(outs[0].shape[0]), device=sums.device)

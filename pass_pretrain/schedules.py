@@ -1,4 +1,4 @@
-"""Per-iteration schedules of PASS pre-training (``cosine_scheduler`` in PASS/utils.py; reference-spec §A.7)."""
+"""Per-iteration schedules of PASS pre-training (PASS ``utils.py`` ``cosine_scheduler``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_pe
                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
     """Value per iteration: linear warm-up, then a half-cosine from ``base_value`` to ``final_value``.
 
-    Exactly the DINO/PASS rule (reference-spec §A.7): with W = warmup_epochs·niter_per_epoch warm-up iterations
-    and T = epochs·niter_per_epoch in total,
+    Exactly the DINO/PASS rule (PASS ``utils.py`` ``cosine_scheduler``): with W = warmup_epochs·niter_per_epoch
+    warm-up iterations and T = epochs·niter_per_epoch in total,
 
     * iterations 0 … W−1: ``np.linspace(start_warmup_value, base_value, W)`` (both ends included, so the last
       warm-up iteration already has ``base_value``);
@@ -38,13 +38,15 @@ def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_pe
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Linear scaling rule of PASS: peak lr = base_lr × global_batch / 256 (5e-4 → 0.002 at 1024, §A.7)."""
+    """Linear scaling rule of PASS: peak lr = base_lr × global_batch / 256 (5e-4 → 0.002 at 1024, PASS
+    ``main_pass.py`` ``train_dino``)."""
     return float(base_lr) * int(global_batch) / 256.0
 
 
 def pass_schedules(*, lr: float, min_lr: float, warmup_epochs: int, weight_decay: float, weight_decay_end: float,
                    momentum_teacher: float, epochs: int, niter_per_epoch: int, global_batch: int) -> dict:
-    """The three PASS schedules (§A.7), arrays of length epochs·niter_per_epoch:
+    """The three PASS schedules (PASS ``main_pass.py`` ``train_dino`` and ``utils.py`` ``cosine_scheduler``), arrays
+    of length epochs·niter_per_epoch:
 
     * ``lr``: 0 → scaled_lr(lr, global_batch) over ``warmup_epochs`` then cosine to ``min_lr``;
     * ``wd``: cosine ``weight_decay`` → ``weight_decay_end`` (0.04 → 0.4), regularised group only;

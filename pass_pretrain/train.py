@@ -1,4 +1,5 @@
-"""PASS teacher-student pre-training loop (``main_pass.py`` of PASS, a DINO derivative; reference-spec §A.7–§A.9).
+"""PASS teacher-student pre-training loop (PASS ``main_pass.py`` ``train_dino`` /
+``train_one_epoch``, a DINO derivative; export as PASS ``convert_model_dino.py``).
 
 Entry points: :func:`train_pass` (train or resume a run in a folder) and :func:`export_backbone` (write the
 teacher backbone alone, official PASS key layout). :class:`PassTrainer` holds the models, optimiser and one
@@ -42,12 +43,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
 
 import partreid.common.distributed as cdist
 from partreid.common.errors import InputError
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
 from partreid.common.fileio import atomic_path
-from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, read_checkpoint, save_backbone
+from partreid.common.models.archs import ARCHS
+from partreid.common.models.checkpoint import read_checkpoint
+from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, save_backbone
 from partreid.pass_pretrain.augment import (CropLayout, DecodedImages, DeviceMultiCrop, PassMultiCropAugment,
                                            collate_uint8, device_views, resolve_augment_on, seeded_call)
 from partreid.pass_pretrain.heads import PASSMultiCrop
@@ -63,19 +67,22 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 @dataclass
 class PassConfig:
-    """Hyper-parameters of PASS pre-training; defaults are the paper's ViT-S run (reference-spec §A, §H).
+    """Hyper-parameters of PASS pre-training; defaults are the paper's ViT-S run (PASS ``main_pass.py``
+    argparse defaults and ``script/*.sh``).
 
     Model: ``arch`` (vit_tiny/vit_small/vit_base), ``depth`` (12; smaller for tests), ``image_size`` (256, 128)
     global views, ``local_size`` (128, 64) local crops, ``drop_path_rate`` 0.1 (student; teacher 0),
     ``pass_scale_quirk`` (False: position table resized to the explicit grid, see
     :func:`common.models.vit.resize_pos_grid`).
-    Heads (§A.5): ``out_dim`` 65536, ``hidden_dim`` 2048, ``bottleneck_dim`` 256, ``use_bn_in_head`` False,
-    ``norm_last_layer`` True.
-    Crops (§A.3): ``global_crops_scale`` (0.4, 1.0), ``local_crops_scale`` (0.1, 0.8), ``local_crops_per_band`` 3.
-    Loss (§A.6): ``student_temp`` 0.1, ``teacher_temp`` 0.04, ``warmup_teacher_temp`` 0.04,
+    Heads (PASS ``vision_transformer.py`` ``DINOHead``): ``out_dim`` 65536, ``hidden_dim`` 2048, ``bottleneck_dim``
+    256, ``use_bn_in_head`` False, ``norm_last_layer`` True.
+    Crops (PASS ``main_pass.py`` ``DataAugmentationDINO``): ``global_crops_scale`` (0.4, 1.0), ``local_crops_scale``
+    (0.1, 0.8), ``local_crops_per_band`` 3. Loss (PASS ``main_pass.py`` ``DINOLoss``): ``student_temp`` 0.1,
+    ``teacher_temp`` 0.04, ``warmup_teacher_temp`` 0.04,
     ``warmup_teacher_temp_epochs`` 0, ``center_momentum`` 0.9.
-    Optimisation (§A.7): ``epochs`` 100, ``batch_size`` 128 images per process, ``lr`` 5e-4 (scaled by
-    global batch / 256), ``min_lr`` 1e-6, ``warmup_epochs`` 10, ``weight_decay`` 0.04 → ``weight_decay_end`` 0.4,
+    Optimisation (PASS ``main_pass.py`` ``train_dino`` and ``utils.py`` ``cosine_scheduler``): ``epochs`` 100,
+    ``batch_size`` 128 images per process, ``lr`` 5e-4 (scaled by global batch / 256), ``min_lr`` 1e-6,
+    ``warmup_epochs`` 10, ``weight_decay`` 0.04 → ``weight_decay_end`` 0.4,
     ``momentum_teacher`` 0.996 → 1, ``clip_grad`` 3.0 with ``clip_mode`` 'per-tensor' (the reference; or
     'global', 'none'), ``freeze_last_layer`` 1 epoch, ``amp`` 'auto' (CUDA: bf16 where supported else fp16 with a
     GradScaler; CPU: off), ``seed`` 0.
@@ -232,7 +239,7 @@ class SkipSampler(Sampler):
 # ------------------------------------------------------------------------------------------------ model parts
 def build_pass_models(config: PassConfig) -> Tuple[PASSMultiCrop, PASSMultiCrop]:
     """Student (drop_path ``config.drop_path_rate``) and teacher (no drop_path, no gradients), with identical
-    initial weights (reference-spec §A.7). Returns (student, teacher)."""
+    initial weights (PASS ``main_pass.py`` ``train_dino``). Returns (student, teacher)."""
     layout = CropLayout(n_global=2, n_bands=3, local_per_band=config.local_crops_per_band)
 
     def make(drop_path: float) -> PASSMultiCrop:
@@ -253,9 +260,9 @@ def build_pass_models(config: PassConfig) -> Tuple[PASSMultiCrop, PASSMultiCrop]
 
 
 def param_groups(model: nn.Module) -> List[Dict[str, Any]]:
-    """AdamW groups of PASS (reference-spec §A.7): ``regularized`` = trainable tensors with ≥ 2 dims that are not
-    biases (incl. the (1,1,D) tokens and the position table); ``not regularized`` = biases and 1-D tensors
-    (LayerNorm), weight decay 0. Frozen tensors are left out. Each group carries a ``regularized`` flag."""
+    """AdamW groups of PASS (PASS ``utils.py`` ``get_params_groups``): ``regularized`` = trainable tensors with ≥ 2
+    dims that are not biases (incl. the (1,1,D) tokens and the position table); ``not regularized`` = biases and 1-D
+    tensors (LayerNorm), weight decay 0. Frozen tensors are left out. Each group carries a ``regularized`` flag."""
     reg, noreg = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -266,7 +273,7 @@ def param_groups(model: nn.Module) -> List[Dict[str, Any]]:
 
 @torch.no_grad()
 def clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float, mode: str = "per-tensor") -> None:
-    """Clip gradients in place (reference-spec §A.7, ``--clip_grad 3.0``).
+    """Clip gradients in place (PASS ``utils.py`` ``clip_gradients``, ``--clip_grad 3.0``).
 
     * ``'per-tensor'`` (the reference): each tensor's gradient g with L2 norm ‖g‖ is scaled by
       min(1, max_norm/(‖g‖ + 1e-6)) on its own;
@@ -288,7 +295,8 @@ def clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float, mode: st
 
 def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_epochs: int) -> None:
     """Drop (set to None) the gradients of every parameter whose name contains ``last_layer`` while
-    ``epoch < freeze_epochs`` (reference-spec §A.7, ``--freeze_last_layer 1``); AdamW then skips them."""
+    ``epoch < freeze_epochs`` (PASS ``utils.py`` ``cancel_gradients_last_layer``, ``--freeze_last_layer 1``); AdamW
+    then skips them."""
     if epoch >= freeze_epochs:
         return
     for name, p in model.named_parameters():
@@ -298,7 +306,8 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_epochs: int
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """Teacher ← m·teacher + (1−m)·student over all parameters, matched by name (reference-spec §A.7).
+    """Teacher ← m·teacher + (1−m)·student over all parameters, matched by name (PASS ``main_pass.py``
+    ``train_one_epoch``).
 
     Raises InputError when the two models' parameter names differ."""
     t_params = dict(teacher.named_parameters())
@@ -378,9 +387,9 @@ class PassTrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def step(self, views: Sequence[torch.Tensor], epoch: int, iteration: int) -> Dict[str, float]:
-        """One PASS iteration (reference-spec §A.7): set lr/wd from the schedules at global ``iteration``,
-        teacher on the global views and student on all views, loss (+ centre update), backward, unscale,
-        clip, epoch-0 last-layer freeze, AdamW step, teacher EMA.
+        """One PASS iteration (PASS ``main_pass.py`` ``train_one_epoch``): set lr/wd from the schedules at global
+        ``iteration``, teacher on the global views and student on all views, loss (+ centre update), backward,
+        unscale, clip, epoch-0 last-layer freeze, AdamW step, teacher EMA.
 
         Args:
             views: ``layout.n_views`` batches (B, 3, h, w) in crop order (any device).
@@ -454,8 +463,8 @@ def _setup_distributed(device_pref: str) -> Tuple[torch.device, int, int, bool]:
 
 
 def _backbone_meta(config: PassConfig) -> Dict[str, Any]:
-    dims = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[config.arch]
-    return {"arch": config.arch, "embed_dim": dims[0], "num_heads": dims[1], "depth": config.depth,
+    return {"arch": config.arch, "embed_dim": ARCHS[config.arch]["embed_dim"],
+            "num_heads": ARCHS[config.arch]["num_heads"], "depth": config.depth,
             "num_parts": 3, "patch_size": config.patch_size, "image_size": list(config.image_size),
             "pixel_mean": list(IMAGENET_MEAN), "pixel_std": list(IMAGENET_STD)}
 
@@ -505,7 +514,7 @@ def _make_writer(out_dir: Path):
 
 def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike],
                resume: Union[bool, str, os.PathLike] = False) -> Path:
-    """Run (or resume) PASS pre-training (reference-spec §A) and return the path of the final checkpoint.
+    """Run (or resume) PASS pre-training (PASS ``main_pass.py``) and return the path of the final checkpoint.
 
     Args:
         config: :class:`PassConfig` (paper defaults).
@@ -601,8 +610,6 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                             "rng": rng_state(), META_KEY: _backbone_meta(config)})
             _save_checkpoint(path, payload)
 
-        from tqdm import tqdm
-
         fields = ["epoch", "iteration", "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s"]
         metrics_file = None
         if rank == 0:
@@ -684,8 +691,8 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
 
 
 def export_backbone(run_or_ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Path:
-    """Write the TEACHER backbone of a PASS run alone, in the official PASS key layout (reference-spec §A.9,
-    like PASS/convert_model_dino.py), plus our metadata (arch, image size, pixel mean/std, epoch, iteration),
+    """Write the TEACHER backbone of a PASS run alone, in the official PASS key layout (PASS
+    ``convert_model_dino.py``), plus our metadata (arch, image size, pixel mean/std, epoch, iteration),
     atomically (:func:`common.models.vit.save_backbone`).
 
     Args:

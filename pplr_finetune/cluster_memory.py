@@ -1,4 +1,5 @@
-"""Cluster-contrast memory with the hard-instance update: the loss of PASS's own USL setting (reference-spec §B.2).
+"""Cluster-contrast memory with the hard-instance update: the loss of PASS's own USL setting (PASS-reID
+``CC-PASS/examples/cluster_contrast_train_usl.py``).
 
 Used by the ``pass-usl`` preset of ``finetune`` (PASS_cluster_contrast_reid, ``--use-hard``), not by PPLR.
 """
@@ -13,7 +14,8 @@ class HardClusterMemory(torch.nn.Module):
     """One L2-normalised centroid per cluster; InfoNCE over the centroids; hard-instance momentum update.
 
     Loss for a batch of features f (B, D) with pseudo-labels y (B,):
-    ``CE(normalize(f) · M^T / temperature, y)`` (temperature 0.05, §B.2).
+    ``CE(normalize(f) · M^T / temperature, y)`` (temperature 0.05, PASS-reID
+    ``CC-PASS/examples/cluster_contrast_train_usl.py``).
 
     Update after each step, for every cluster c in the batch: take the batch instance of c with the LOWEST
     similarity to M[c] (the reference calls it "median" but it is an arg-min), then

@@ -1,4 +1,5 @@
-"""PPLR cross-agreement scores (Cho et al., CVPR 2022, Eq. 1; reference-spec §C.3).
+"""PPLR cross-agreement scores (Cho et al., CVPR 2022, Eq. 1; PPLR
+``examples/train_pplr.py`` ``compute_cross_agreement``).
 
 For every sample i and part n, the agreement between the global feature space and the part-n feature space is
 the Jaccard index of the two top-k neighbour sets:
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+import pandas as pd
 
 from partreid.common.errors import InputError
-from partreid.common.retrieval.search import exclude_self_columns, knn_search
+from partreid.common.h5io import features_for_labels, read_labels, write_labels
+from partreid.common.retrieval.search import exclude_self_columns, knn_search, l2_normalize_rows
 
 #: rows per block of the vectorised set intersection (bounds the temporary (rows, P, 2k) arrays)
 _ROWS_PER_BLOCK = 32768
@@ -77,15 +80,6 @@ def cross_agreement(global_knn, part_knn) -> np.ndarray:
     return out
 
 
-def _unit_rows(x: np.ndarray, tol: float = 1e-4) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    if x.shape[0] and np.abs(norms - 1.0).max() <= tol:
-        return x
-    norms[norms == 0] = 1.0
-    return (x / norms[:, None]).astype(np.float32)
-
-
 def cross_agreement_from_features(global_feats, parts, k: int = 20, global_knn=None, *, device: str = "auto",
                                   method: str = "exact", timings: Optional[Dict[str, float]] = None,
                                   ) -> np.ndarray:
@@ -131,12 +125,12 @@ def cross_agreement_from_features(global_feats, parts, k: int = 20, global_knn=N
             except InputError:
                 g_sets = None  # too short: search instead
     if g_sets is None:
-        _, g_sets = knn_search(_unit_rows(g), k, metric="ip", method=method, device=device, exclude_self=True)
+        _, g_sets = knn_search(l2_normalize_rows(g), k, metric="ip", method=method, device=device, exclude_self=True)
     tm["global_knn"] = time.perf_counter() - t
     t = time.perf_counter()
     p_sets = np.empty((n, pa.shape[1], k), np.int64)
     for j in range(pa.shape[1]):
-        _, p_sets[:, j] = knn_search(_unit_rows(pa[:, j]), k, metric="ip", method=method, device=device,
+        _, p_sets[:, j] = knn_search(l2_normalize_rows(pa[:, j]), k, metric="ip", method=method, device=device,
                                      exclude_self=True)
     tm["part_knn"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -147,8 +141,6 @@ def cross_agreement_from_features(global_feats, parts, k: int = 20, global_knn=N
 
 def agreement_statistics(agreement) -> "object":
     """Per-part statistics of the scores: pandas.DataFrame with part, mean, std, min, q25, median, q75, max."""
-    import pandas as pd
-
     a = np.asarray(agreement, np.float64)
     rows = []
     for j in range(a.shape[1]):
@@ -160,36 +152,7 @@ def agreement_statistics(agreement) -> "object":
     return pd.DataFrame(rows)
 
 
-def plot_agreement(agreement, out, bins: int = 21) -> Path:
-    """Write per-part histograms of the cross-agreement scores to a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from partreid.common.fileio import atomic_path
-
-    a = np.asarray(agreement, np.float32)
-    n_parts = a.shape[1]
-    fig, axes = plt.subplots(1, max(n_parts, 1), figsize=(3.2 * max(n_parts, 1), 2.8), squeeze=False,
-                             sharey=True)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    for j in range(n_parts):
-        ax = axes[0, j]
-        ax.hist(a[:, j], bins=edges, color="tab:blue", edgecolor="white")
-        ax.set_title(f"part {j}: mean {a[:, j].mean():.3f}" if a.shape[0] else f"part {j}")
-        ax.set_xlabel("cross-agreement")
-        ax.set_xlim(0, 1)
-    axes[0, 0].set_ylabel("samples")
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return out
-
-
-def refine_labels_file(labels_path, out, *, k: int = 20, plot=None, command: str = "",
+def refine_labels_file(labels_path, out, *, k: int = 20, command: str = "",
                        device: str = "auto") -> Tuple[Path, str]:
     """The ``refine-labels`` command: labels file → the same labels plus ``agreement`` (N, P), and a report.
 
@@ -201,7 +164,6 @@ def refine_labels_file(labels_path, out, *, k: int = 20, plot=None, command: str
         labels_path: labels file written by ``cluster``.
         out: output labels file (``.h5`` or ``.csv``).
         k: neighbours per set (20).
-        plot: optional PNG path for the per-part histograms.
         command: provenance string stored in the file.
         device: 'auto', 'cpu' or 'cuda' (faiss GPU when available; otherwise the CPU).
 
@@ -211,8 +173,6 @@ def refine_labels_file(labels_path, out, *, k: int = 20, plot=None, command: str
     Raises:
         InputError: unreadable files, hash mismatch, a features file without ``parts``, N <= k.
     """
-    from partreid.common.h5io import features_for_labels, read_labels, write_labels
-
     t0 = time.perf_counter()
     labels = read_labels(labels_path)
     feats = features_for_labels(labels, parts=True)
@@ -243,6 +203,4 @@ def refine_labels_file(labels_path, out, *, k: int = 20, plot=None, command: str
              stats.to_string(index=False, float_format=lambda v: f"{v:.4f}"),
              "time: " + "  ".join(f"{key} {val:.2f}s" for key, val in timings.items())
              + f"  total {time.perf_counter() - t0:.2f}s"]
-    if plot:
-        lines.append(f"histograms: {plot_agreement(agreement, plot)}")
     return Path(path), "\n".join(lines)

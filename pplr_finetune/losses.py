@@ -1,7 +1,7 @@
 """PPLR losses: PGLR, AALS, label-smoothed CE, soft triplet, and PPLR-CAM's inter-camera proxy loss.
 
-All functions are pure (tensors in, scalar tensor out) and differentiable. Notation (reference-spec §C.4):
-B = batch size, C = number of clusters this epoch (= the active logit width), P = number of parts,
+All functions are pure (tensors in, scalar tensor out) and differentiable. Notation (PPLR ``pplr/trainers.py``
+``PPLRTrainer``): B = batch size, C = number of clusters this epoch (= the active logit width), P = number of parts,
 y = one-hot pseudo-label, q = softmax of logits, ca = cross-agreement score in [0, 1].
 """
 
@@ -32,7 +32,8 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor, name: str = "log
 
 def pglr_refined_target(logits_parts: torch.Tensor, targets: torch.Tensor, agreement: torch.Tensor,
                         beta: float = 0.5) -> torch.Tensor:
-    """PGLR refined target ŷ = β·y + (1 − β)·Σ_n w_n q^{p_n}, with w = softmax_n(ca_n) (reference-spec §C.4).
+    """PGLR refined target ŷ = β·y + (1 − β)·Σ_n w_n q^{p_n}, with w = softmax_n(ca_n) (PPLR ``pplr/trainers.py``
+    ``PPLRTrainer``).
 
     Args:
         logits_parts: float (B, P, C) part logits (used detached: no gradient reaches the parts).
@@ -62,7 +63,8 @@ def pglr_refined_target(logits_parts: torch.Tensor, targets: torch.Tensor, agree
 
 def pglr_loss(logits_global: torch.Tensor, logits_parts: torch.Tensor, targets: torch.Tensor,
               agreement: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """Part-guided label refinement loss on the global head: mean_b −Σ_c ŷ_c log q^g_c (reference-spec §C.4).
+    """Part-guided label refinement loss on the global head: mean_b −Σ_c ŷ_c log q^g_c (PPLR ``pplr/trainers.py``
+    ``PPLRTrainer``).
 
     Args:
         logits_global: float (B, C) global logits.
@@ -86,7 +88,8 @@ def pglr_loss(logits_global: torch.Tensor, logits_parts: torch.Tensor, targets: 
 
 
 def aals_loss(logits_part: torch.Tensor, targets: torch.Tensor, agreement_n: torch.Tensor) -> torch.Tensor:
-    """Agreement-aware label smoothing for one part: mean_b [ca·CE(y, q) + (1 − ca)·KL(u ‖ q)] (§C.4).
+    """Agreement-aware label smoothing for one part: mean_b [ca·CE(y, q) + (1 − ca)·KL(u ‖ q)] (PPLR
+    ``pplr/trainers.py`` ``PPLRTrainer``).
 
     KL(u ‖ q) = Σ_c u_c (log u_c − log q_c) with u uniform over the C classes. ca = 1 gives plain CE,
     ca = 0 pulls the prediction to uniform.
@@ -113,7 +116,8 @@ def aals_loss(logits_part: torch.Tensor, targets: torch.Tensor, agreement_n: tor
 
 
 def ce_label_smooth(logits: torch.Tensor, targets: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
-    """Cross-entropy with label smoothing: target (1 − ε)·y + ε/C; mean over the batch (§C.4, ε = 0.1).
+    """Cross-entropy with label smoothing: target (1 − ε)·y + ε/C; mean over the batch (PPLR
+    ``pplr/loss/crossentropy.py`` ``CrossEntropyLabelSmooth``, ε = 0.1).
 
     Args:
         logits: float (B, C). targets: int64 (B,) in [0, C). epsilon: smoothing ε in [0, 1].
@@ -146,10 +150,10 @@ def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
 def soft_triplet_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Soft-margin batch-hard triplet loss: mean_i softplus(d(i, hardest positive) − d(i, hardest negative)).
 
-    = −log(e^{d_an} / (e^{d_ap} + e^{d_an})), i.e. PPLR's ``SoftTripletLoss(margin=0)`` (§C.4). Distances are
-    Euclidean on the given (non-normalised) features; the hardest positive is the farthest sample with the
-    same label, the sample itself included (so a label alone in the batch has d_ap ≈ 0, as in the
-    reference); the hardest negative is the closest sample with another label. A sample with no negative in
+    = −log(e^{d_an} / (e^{d_ap} + e^{d_an})), i.e. PPLR's ``SoftTripletLoss(margin=0)`` (PPLR
+    ``pplr/loss/triplet.py``). Distances are Euclidean on the given (non-normalised) features; the hardest positive is
+    the farthest sample with the same label, the sample itself included (so a label alone in the batch has d_ap ≈ 0,
+    as in the reference); the hardest negative is the closest sample with another label. A sample with no negative in
     the batch contributes 0 (the reference adds 9999999 to non-negatives, giving softplus(−huge) = 0).
 
     Args:
@@ -174,7 +178,8 @@ def soft_triplet_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def build_camera_proxies(features, labels, camids) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One proxy per (pseudo-id, camera) pair: the L2-normalised mean feature of that pair's images (§C.7).
+    """One proxy per (pseudo-id, camera) pair: the L2-normalised mean feature of that pair's images (PPLR
+    ``examples/train_pplr_cam.py``, ``pplr/trainers.py`` ``PPLRTrainerCAM``).
 
     Args:
         features: float (N, D) (the epoch's extracted, L2-normalised features; global or one part).
@@ -211,7 +216,8 @@ def build_camera_proxies(features, labels, camids) -> Tuple[torch.Tensor, torch.
 def inter_camera_proxy_loss(features: torch.Tensor, targets: torch.Tensor, camids: torch.Tensor,
                             proxies: torch.Tensor, proxy_pids: torch.Tensor, proxy_camids: torch.Tensor,
                             temperature: float = 0.07, num_negatives: int = 50) -> torch.Tensor:
-    """PPLR-CAM inter-camera proxy loss (reference-spec §C.7; ``InterCamProxy``), vectorised over the batch.
+    """PPLR-CAM inter-camera proxy loss (PPLR ``pplr/loss`` ``InterCamProxy``, used by
+    ``pplr/trainers.py`` ``PPLRTrainerCAM``), vectorised over the batch.
 
     For sample i: s = normalize(f_i)·proxiesᵀ / τ. Positives P_i = proxies with the same pseudo-id and a
     different camera; negatives Q_i = the ``num_negatives`` proxies of other pseudo-ids with the highest

@@ -1,11 +1,13 @@
-"""DBSCAN pseudo-labels on the sparse k-reciprocal Jaccard distance (PPLR / cluster-contrast; spec §C.2 step 2).
+"""DBSCAN pseudo-labels on the sparse k-reciprocal Jaccard distance (PPLR ``examples/train_pplr.py``
+``compute_pseudo_labels``; cluster-contrast).
 
 Pipeline (:func:`pseudo_labels`): exact (or approximate) faiss kNN on the L2-normalised global features →
-sparse k-reciprocal Jaccard radius graph (:mod:`partreid.common.retrieval.kreciprocal`, reference-spec §D.1) → scikit-learn
-``DBSCAN(metric='precomputed')`` on that sparse graph. Outliers are labelled -1. Nothing N×N is allocated.
+sparse k-reciprocal Jaccard radius graph (:mod:`partreid.common.retrieval.kreciprocal`, PPLR
+``pplr/utils/faiss_rerank.py`` ``compute_jaccard_distance``) → scikit-learn ``DBSCAN(metric='precomputed')`` on that
+sparse graph. Outliers are labelled -1. Nothing N×N is allocated.
 
 Quality helpers for choosing eps: :func:`cluster_quality` (NMI, ARI, pairwise precision/recall/F-score against
-real pids), :func:`sweep_eps` (one distance graph, many eps values) and :func:`size_histogram` (from :mod:`common.inspect`).
+real pids), :func:`sweep_eps` (one distance graph, many eps values) and :func:`size_histogram`.
 :func:`cluster_features_file` is the file-level function behind the ``cluster`` command.
 """
 
@@ -17,13 +19,16 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
 
 from partreid.common.errors import InputError
-from partreid.common.inspect import size_histogram  # noqa: F401 - re-exported: the cluster report uses it
+from partreid.common.h5io import read_features, write_labels
 from partreid.common.retrieval.kreciprocal import CONVENTIONS, knn_columns_needed, kreciprocal_jaccard
-from partreid.common.retrieval.search import knn_search
+from partreid.common.retrieval.search import knn_search, l2_normalize_rows
 
 #: ``knn`` choices of :func:`pseudo_labels` → faiss search method
 KNN_METHODS = {"exact": "exact", "approximate": "hnsw", "hnsw": "hnsw", "ivf": "ivf"}
@@ -103,24 +108,12 @@ def dbscan_labels(graph, eps: float, min_samples: int) -> np.ndarray:
     return model.fit_predict(graph).astype(np.int64)
 
 
-def _normalise_rows(x: np.ndarray, tol: float = 1e-4) -> np.ndarray:
-    """L2-normalise rows unless they already are (within ``tol``), to leave normalised input bit-identical."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    if not np.isfinite(norms).all() and not np.isfinite(x).all():  # a NaN/inf anywhere makes its row's norm one
-        raise InputError("features contain NaN or infinite values")
-    if x.shape[0] and np.abs(norms - 1.0).max() <= tol:
-        return x
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    if (norms == 0).any():
-        raise InputError(f"{int((norms == 0).sum())} feature rows are all zero and cannot be normalised")
-    return (x / norms[:, None]).astype(np.float32)
-
-
 def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_samples: int = 4,
                   convention: str = "reference", knn: str = "exact", *, max_distance: Optional[float] = None,
-                  device: str = "auto", search_options: Optional[dict] = None,
-                  n_jobs: Optional[int] = None) -> ClusterResult:
-    """Cluster features into pseudo-labels: kNN → sparse k-reciprocal Jaccard → DBSCAN (spec §C.2 step 2, §D).
+                  device: str = "auto", search_options: Optional[dict] = None) -> ClusterResult:
+    """Cluster features into pseudo-labels: kNN → sparse k-reciprocal Jaccard → DBSCAN (PPLR
+    ``examples/train_pplr.py`` ``compute_pseudo_labels``, ``pplr/utils/faiss_rerank.py``
+    ``compute_jaccard_distance``).
 
     Args:
         features: float32 (N, D) global features; rows are L2-normalised first unless they already are
@@ -137,8 +130,6 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
         device: faiss device: 'auto', 'cpu', or 'cuda' ('cuda' falls back to the CPU when the installed faiss
             has no GPU support, since the torch device and the faiss build are independent).
         search_options: extra keyword arguments for :func:`partreid.common.retrieval.search.knn_search`.
-        n_jobs: processes for the Jaccard min-sums (default: the available CPUs, as faiss uses them for the
-            search; the labels do not depend on it).
 
     Returns:
         :class:`ClusterResult`.
@@ -160,7 +151,7 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
     width = knn_columns_needed(k1, k2, convention)
     if x.shape[0] < width:
         raise InputError(f"{x.shape[0]} samples are too few for k1={k1}, k2={k2} (need at least {width})")
-    x = _normalise_rows(x)
+    x = l2_normalize_rows(x)
     timings: Dict[str, float] = {}
     opts = dict(search_options or {})
     opts.setdefault("method", KNN_METHODS[knn])
@@ -169,7 +160,7 @@ def pseudo_labels(features, k1: int = 30, k2: int = 6, eps: float = 0.6, min_sam
     sims, idx = knn_search(x, width, metric="ip", **opts)
     timings["knn"] = time.perf_counter() - t
     graph = kreciprocal_jaccard(x, k1, k2, max_distance=md, convention=convention, knn=idx,
-                                similarities=sims, timings=timings, check_input=False, n_jobs=n_jobs)
+                                similarities=sims, timings=timings, check_input=False)
     timings.pop("total", None)
     del sims
     t = time.perf_counter()
@@ -229,9 +220,6 @@ def cluster_quality(labels, pids) -> Dict[str, float]:
     Raises:
         InputError: different lengths.
     """
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-    from sklearn.metrics.cluster import contingency_matrix
-
     labels = np.asarray(labels, np.int64)
     pids = np.asarray(pids, np.int64)
     if labels.shape != pids.shape or labels.ndim != 1:
@@ -274,8 +262,6 @@ def sweep_eps(graph, eps_values: Sequence[float], min_samples: int = 4, pids=Non
     Raises:
         InputError: empty eps list, or an eps above ``max_distance``.
     """
-    import pandas as pd
-
     eps_values = [float(e) for e in eps_values]
     if not eps_values:
         raise InputError("no eps values to sweep")
@@ -294,6 +280,39 @@ def sweep_eps(graph, eps_values: Sequence[float], min_samples: int = 4, pids=Non
             row.update({k: q[k] for k in ("nmi", "ari", "precision", "recall", "f_score")})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+_SIZE_BINS = [(1, 1), (2, 3), (4, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 500),
+              (501, 1000), (1001, None)]
+
+
+def size_histogram(labels, width: int = 40) -> str:
+    """Text histogram of cluster sizes (number of clusters per size bin, plus the outlier count).
+
+    Args:
+        labels: int (N,) cluster labels, -1 = outlier. width: longest bar in characters.
+
+    Returns:
+        A multi-line string, e.g. ``"   4-5   | ####        120"``.
+    """
+    labels = np.asarray(labels, np.int64)
+    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
+    sizes = sizes[sizes > 0]
+    counts = []
+    for lo, hi in _SIZE_BINS:
+        sel = (sizes >= lo) if hi is None else ((sizes >= lo) & (sizes <= hi))
+        counts.append(int(sel.sum()))
+    top = max(counts + [1])
+    lines = ["cluster size | clusters"]
+    for (lo, hi), c in zip(_SIZE_BINS, counts):
+        if c == 0:
+            continue
+        name = f"{lo}" if hi == lo else (f">{lo - 1}" if hi is None else f"{lo}-{hi}")
+        bar = "#" * max(1, int(round(width * c / top)))
+        lines.append(f"{name:>12} | {bar} {c}")
+    lines.append(f"{'outliers':>12} | {int((labels < 0).sum())} samples")
+    return "\n".join(lines)
+
 
 
 # ------------------------------------------------------------------------------------------- file level
@@ -344,8 +363,6 @@ def cluster_features_file(features_path, out, *, k1: int = 30, k2: int = 6, eps:
     Raises:
         InputError: unreadable/invalid features file, bad parameters, ``out`` equal to the input.
     """
-    from partreid.common.h5io import read_features, write_labels
-
     feats = read_features(features_path, parts=False)
     sweep = [float(e) for e in sweep] if sweep else None
     md = max([float(eps)] + (sweep or []))

@@ -1,4 +1,5 @@
-"""PK sampler with camera preference (PPLR / cluster-contrast ``RandomMultipleGallerySampler``, reference-spec §C.5).
+"""PK sampler with camera preference (PPLR / cluster-contrast
+``pplr/utils/data/sampler.py`` ``RandomMultipleGallerySampler``).
 
 One *pass* visits every pseudo-id once, in random order. For each id it draws a random anchor image, then
 K − 1 more images of the id, preferring images from cameras other than the anchor's:
@@ -48,7 +49,7 @@ def pk_pass(groups, num_instances: int, rng: np.random.Generator) -> np.ndarray:
     """One pass of the camera-preferring PK sampling over ``groups`` (list of (indices, camids) per pid).
 
     Returns int64 indices, ``num_instances`` per multi-image id (1 for single-image ids), ids in random order.
-    Pure given ``rng``. Source: reference-spec §C.5.
+    Pure given ``rng``. Source: PPLR ``pplr/utils/data/sampler.py`` ``RandomMultipleGallerySampler``.
     """
     k = num_instances
     out: List[int] = []
@@ -69,7 +70,8 @@ def pk_pass(groups, num_instances: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class PKSampler(Sampler):
-    """Batch sampler yielding ``num_iters`` batches of dataset indices per epoch (PK sampling, §C.5).
+    """Batch sampler yielding ``num_iters`` batches of dataset indices per epoch (PK sampling, PPLR
+    ``pplr/utils/data/sampler.py`` ``RandomMultipleGallerySampler``).
 
     Use as ``DataLoader(dataset, batch_sampler=PKSampler(...))``; call :meth:`set_epoch` before each epoch.
 

@@ -1,4 +1,5 @@
-"""PPLR unsupervised fine-tuning: the epoch loop (reference-spec §C.2; PASS's own USL setting §B.2 as a preset).
+"""PPLR unsupervised fine-tuning: the epoch loop (PPLR ``examples/train_pplr.py`` ``main_worker``; PASS's own USL
+setting PASS-reID ``CC-PASS/examples/cluster_contrast_train_usl.py`` as a preset).
 
 Each epoch:
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -33,19 +35,37 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from tqdm import tqdm
 
 from partreid.common import distributed as dist
+from partreid.common.data import load_dataset
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate_skip_none
 from partreid.common.errors import InputError
+from partreid.common.extract import FeatureOptions, extract_arrays, extract_to_file
 from partreid.common.fileio import atomic_path
-from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.h5io import features_for_labels, read_labels
+from partreid.common.models.checkpoint import read_checkpoint
+from partreid.common.models.loader import LoadedModel, load_model
+from partreid.common.models.reid import ReIDModel, cluster_centroids, save_reid_checkpoint
+from partreid.common.retrieval.evaluation import evaluate_rank
 from partreid.common.rng import rng_state, seed_everything, set_rng_state
+from partreid.common.splits import choose_split
+from partreid.pplr_finetune.cluster_memory import HardClusterMemory
+from partreid.pplr_finetune.cross_agreement import refine_labels_file
+from partreid.pplr_finetune.losses import (aals_loss, batch_precision, build_camera_proxies, ce_label_smooth,
+                                           inter_camera_proxy_loss, pglr_loss, soft_triplet_loss)
+from partreid.pplr_finetune.pseudo_labels import cluster_features_file
+from partreid.pplr_finetune.sampler import PKSampler
 
 log = logging.getLogger("partreid.finetune")
 
-#: hyper-parameter presets (reference-spec §C.2-C.5, §C.7 and §B.2)
+#: hyper-parameter presets (argparse defaults of PPLR ``examples/train_pplr.py`` and ``train_pplr_cam.py``, and
+#: PASS-reID ``CC-PASS/examples/cluster_contrast_train_usl.py`` with its ``market_usl_cat_singleneck.sh``)
 PRESETS: Dict[str, Dict[str, Any]] = {
     # PPLR (CVPR'22): Adam 3.5e-4, wd 5e-4, StepLR 20/0.1, 50 epochs x 400 iterations, batch 64 = 16 x 4.
     "pplr": {},
@@ -62,7 +82,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class FinetuneConfig:
-    """Everything a fine-tuning run needs; the defaults are PPLR's (reference-spec §C, §H)."""
+    """Everything a fine-tuning run needs; the defaults are PPLR's (the argparse defaults of
+    PPLR ``examples/train_pplr.py``)."""
 
     checkpoint: str = ""
     data: str = ""
@@ -90,7 +111,7 @@ class FinetuneConfig:
     beta: float = 0.5
     aals_epoch: int = 5
     label_smooth: float = 0.1
-    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (§C.4); "bnneck-input" = pre-BN (TransReID)
+    triplet_feature: str = "bnneck-output"  # PPLR's f_g is post-BN (``PPLRTrainer``); "bnneck-input" = pre-BN (TransReID)
     camera_aware: bool = False
     lambda_cam: float = 0.5
     cam_temperature: float = 0.07
@@ -134,12 +155,10 @@ class FinetuneConfig:
 
 # --------------------------------------------------------------------------------------------------- helpers
 def train_transform(image_size, mean, std):
-    """PPLR/TransReID train augmentation (§C.5): resize (bicubic), flip 0.5, zero-pad 10 + random crop, to tensor,
-    normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3, fill = ImageNet mean written into the
-    normalised tensor, as the reference does). torchvision draws the erasing aspect log-uniformly; the reference
-    draws it uniformly in (0.3, 1/0.3)."""
-    from torchvision import transforms as T
-
+    """PPLR/TransReID train augmentation (PPLR ``examples/train_pplr.py`` ``get_train_loader``): resize (bicubic),
+    flip 0.5, zero-pad 10 + random crop, to tensor, normalise, random erasing (p 0.5, area 0.02-0.4, aspect ≥ 0.3,
+    fill = ImageNet mean written into the normalised tensor, as the reference does). torchvision draws the erasing
+    aspect log-uniformly; the reference draws it uniformly in (0.3, 1/0.3)."""
     size = tuple(image_size)
     return T.Compose([
         T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
@@ -162,9 +181,6 @@ def _normalization(cfg: FinetuneConfig, loaded) -> Tuple[tuple, tuple]:
 
 def build_model(cfg: FinetuneConfig):
     """Backbone from the checkpoint + BNNecks/classifiers → (ReIDModel, LoadedModel of the backbone)."""
-    from partreid.common.models.loader import load_model
-    from partreid.common.models.reid import ReIDModel
-
     if cfg.arch == "resnet50" and (not cfg.checkpoint or cfg.checkpoint == "random:resnet50"):
         loaded = load_model("random:resnet50", resnet_weights=cfg.resnet_weights, image_size=cfg.image_size)
     else:
@@ -185,30 +201,22 @@ class _Run:
     """State of one fine-tuning run (kept in one object so the epoch steps read top to bottom)."""
 
     def __init__(self, cfg: FinetuneConfig, out_dir: Path):
-        from partreid.common.data import load_dataset
-
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.device = cfg.device
         labels_file = None
         if cfg.labels:
-            from partreid.common.h5io import read_labels
-
             labels_file = read_labels(cfg.labels)
         spec = cfg.data
         if not spec and labels_file is not None:
-            from partreid.common.h5io import features_for_labels
-
             spec = str(features_for_labels(labels_file, parts=False).attrs.get("dataset", ""))
         if not spec:
             raise InputError("--data SPEC is required (or --labels from a features file that records its dataset)")
         self.ds = load_dataset(spec, verbose=self.rank == 0)
         self.spec = spec
         self.labels_file = labels_file
-        from partreid.common.pipeline import choose_split
-
-        _, self.train_frame = choose_split(self.ds, "train" if "train" in set(self.ds.frame["split"]) else None)
+        _, self.train_frame = choose_split(self.ds)
         eval_ds = load_dataset(cfg.eval_data, verbose=False) if cfg.eval_data else self.ds
         splits = set(eval_ds.frame["split"])
         self.eval_ds = eval_ds if {"query", "gallery"} <= splits and (eval_ds.frame["pid"] >= 0).any() else None
@@ -248,8 +256,6 @@ class _Run:
 
     def as_loaded(self, source: str):
         """The model being trained, wrapped for :mod:`common.extract` (BNNeck features, this run's input)."""
-        from partreid.common.models.loader import LoadedModel
-
         return LoadedModel(self.model, "reid", self.meta["arch"], self.image_size, self.mean, self.std, source,
                            "finetune", dict(self.meta))
 
@@ -260,8 +266,6 @@ class _Run:
 
     def save(self, epoch: int) -> None:
         """Atomically write the training state after ``epoch`` (resume point) and ``last.pth`` (the model)."""
-        from partreid.common.models.reid import save_reid_checkpoint
-
         if self.rank != 0:
             return
         state = {"format": "partreid.finetune_state", "epoch": epoch + 1, "model": self.model.state_dict(),
@@ -278,7 +282,7 @@ class _Run:
         """Restore a previous run's state from ``checkpoint.pth``; False when there is none."""
         if not self.state_path.exists():
             return False
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(self.state_path, what="finetune checkpoint")
         if state.get("format") != "partreid.finetune_state":
             raise InputError(f"{self.state_path}: not a finetune checkpoint")
         if state["capacity"] > self.model.classifier_capacity:
@@ -298,11 +302,6 @@ class _Run:
     # -- steps 1-3: pseudo-labels through the stage functions
     def pseudo_labels(self, epoch: int) -> Dict[str, np.ndarray]:
         """Extract → cluster → refine for this epoch; returns labels, agreement, camid, path and the features."""
-        from partreid.common.extract import FeatureOptions, extract_to_file
-        from partreid.common.h5io import features_for_labels, read_labels
-        from partreid.pplr_finetune.cross_agreement import refine_labels_file
-        from partreid.pplr_finetune.pseudo_labels import cluster_features_file
-
         cfg = self.cfg
         work = Path(cfg.keep_intermediate) if cfg.keep_intermediate else self.out / "work"
         epoch_dir = work / f"epoch_{epoch:03d}"
@@ -342,11 +341,6 @@ class _Run:
 
     # -- step 4: one epoch of training
     def train_epoch(self, epoch: int, pl: Dict[str, np.ndarray]) -> Dict[str, float]:
-        from partreid.common.data.images import ImageDataset, collate_skip_none
-        from partreid.common.models.reid import cluster_centroids
-        from partreid.pplr_finetune import losses as L
-        from partreid.pplr_finetune.sampler import PKSampler
-
         cfg = self.cfg
         labels = np.asarray(pl["labels"], dtype=np.int64)
         keep = labels >= 0
@@ -359,18 +353,14 @@ class _Run:
         self.model.reset_classifiers(g_cent, p_cent, self.optimizer)
         memory = None
         if cfg.loss == "cluster-contrast":
-            from partreid.pplr_finetune.cluster_memory import HardClusterMemory
-
             memory = HardClusterMemory(g_cent, cfg.memory_temperature, cfg.memory_momentum).to(self.device)
         proxies = None
         if cfg.camera_aware:
-            proxies = [L.build_camera_proxies(torch.as_tensor(pl["global"]), torch.as_tensor(labels),
+            proxies = [build_camera_proxies(torch.as_tensor(pl["global"]), torch.as_tensor(labels),
                                               torch.as_tensor(pl["camid"]))]
-            proxies += [L.build_camera_proxies(torch.as_tensor(pl["parts"][:, n]), torch.as_tensor(labels),
+            proxies += [build_camera_proxies(torch.as_tensor(pl["parts"][:, n]), torch.as_tensor(labels),
                                                torch.as_tensor(pl["camid"])) for n in range(pl["parts"].shape[1])]
             proxies = [tuple(t.to(self.device) for t in p) for p in proxies]
-
-        import pandas as pd
 
         frame = pd.DataFrame({"path": pl["path"], "pid": -1, "camid": pl["camid"]})
         images = ImageDataset(self.ds, frame, train_transform(self.image_size, self.mean, self.std))
@@ -387,8 +377,6 @@ class _Run:
         t0 = time.time()
         self.ddp_model.train()
         amp_dtype = self._amp_dtype()
-        from tqdm import tqdm
-
         bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", unit="it", leave=False,
                    disable=not cfg.progress or self.rank != 0)
         for it, (x, idx) in enumerate(bar):
@@ -401,14 +389,14 @@ class _Run:
             with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else torch.autocast("cpu", enabled=False):
                 out = self.ddp_model(x)
             out = {k: v.float() for k, v in out.items()}
-            terms = self.losses(epoch, out, y, ca, cams, memory, proxies, L)
+            terms = self.losses(epoch, out, y, ca, cams, memory, proxies)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             terms["loss"] = loss.detach()
-            terms["prec"] = torch.tensor(L.batch_precision(out["logits_global"].detach(), y))
+            terms["prec"] = torch.tensor(batch_precision(out["logits_global"].detach(), y))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             seen += 1
@@ -423,24 +411,25 @@ class _Run:
                       "images_per_s": seen * cfg.batch_size / max(time.time() - t0, 1e-9)})
         return means
 
-    def losses(self, epoch, out, y, ca, cams, memory, proxies, L) -> Dict[str, torch.Tensor]:
-        """The loss terms of one batch (PPLR §C.4, PPLR-CAM §C.7, or cluster-contrast §B.2)."""
+    def losses(self, epoch, out, y, ca, cams, memory, proxies) -> Dict[str, torch.Tensor]:
+        """The loss terms of one batch (PPLR ``pplr/trainers.py`` ``PPLRTrainer``,
+        ``PPLRTrainerCAM``, or cluster-contrast ``clustercontrast/trainers.py``)."""
         cfg = self.cfg
         tri_feat = out["global_bn"] if cfg.triplet_feature == "bnneck-output" else out["global_feat"]
         if cfg.loss == "cluster-contrast":
             return {"memory": memory(out["global_bn"], y)}
-        terms = {"pglr": L.pglr_loss(out["logits_global"], out["logits_parts"], y, ca, beta=cfg.beta),
-                 "triplet": L.soft_triplet_loss(tri_feat, y)}
+        terms = {"pglr": pglr_loss(out["logits_global"], out["logits_parts"], y, ca, beta=cfg.beta),
+                 "triplet": soft_triplet_loss(tri_feat, y)}
         parts = out["logits_parts"]
         if epoch >= cfg.aals_epoch:
-            part_terms = [L.aals_loss(parts[:, n], y, ca[:, n]) for n in range(parts.shape[1])]
+            part_terms = [aals_loss(parts[:, n], y, ca[:, n]) for n in range(parts.shape[1])]
         else:
-            part_terms = [L.ce_label_smooth(parts[:, n], y, epsilon=cfg.label_smooth) for n in range(parts.shape[1])]
+            part_terms = [ce_label_smooth(parts[:, n], y, epsilon=cfg.label_smooth) for n in range(parts.shape[1])]
         terms["part"] = torch.stack(part_terms).mean()
         if cfg.camera_aware:
-            g = L.inter_camera_proxy_loss(out["global_bn"], y, cams, *proxies[0], temperature=cfg.cam_temperature,
+            g = inter_camera_proxy_loss(out["global_bn"], y, cams, *proxies[0], temperature=cfg.cam_temperature,
                                           num_negatives=cfg.cam_negatives)
-            p = torch.stack([L.inter_camera_proxy_loss(out["parts_bn"][:, n], y, cams, *proxies[n + 1],
+            p = torch.stack([inter_camera_proxy_loss(out["parts_bn"][:, n], y, cams, *proxies[n + 1],
                                                        temperature=cfg.cam_temperature,
                                                        num_negatives=cfg.cam_negatives)
                              for n in range(parts.shape[1])]).mean()
@@ -452,9 +441,6 @@ class _Run:
         """mAP/CMC on the labelled query/gallery with the current model (rank 0), or None without one."""
         if self.eval_ds is None or self.rank != 0:
             return None
-        from partreid.common.extract import FeatureOptions, extract_arrays
-        from partreid.common.pipeline import evaluate_arrays
-
         feats = {}
         for split in ("query", "gallery"):
             frame = self.eval_ds.split(split).reset_index(drop=True)
@@ -465,7 +451,7 @@ class _Run:
             feats[split] = (g, frame["pid"].to_numpy()[kept], frame["camid"].to_numpy()[kept])
         self.model.train()
         (qf, qp, qc), (gf, gp, gc) = feats["query"], feats["gallery"]
-        return evaluate_arrays(qf, gf, qp, qc, gp, gc)
+        return evaluate_rank(None, qp, gp, qc, gc, qf=qf, gf=gf)
 
 
 def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -479,56 +465,17 @@ def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
             w.writerows(rows)
 
 
-def plot_history(csv_path, out_png) -> Path:
-    """Per-epoch curves of a run's ``metrics.csv``: losses, clusters/outliers, agreement and mAP (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    df = pd.read_csv(csv_path)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for col in [c for c in ("loss", "pglr", "triplet", "part", "camera", "memory") if c in df]:
-        axes[0].plot(df["epoch"], df[col], marker="o", label=col)
-    axes[0].set_title("training losses (epoch mean)")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(df["epoch"], df["clusters"], marker="o", label="clusters")
-    axes[1].plot(df["epoch"], df["outliers"], marker="o", label="outliers")
-    axes[1].set_title("pseudo-labels")
-    axes[1].legend(fontsize=8)
-    axes[2].plot(df["epoch"], df["agreement_mean"], marker="o", label="mean cross-agreement")
-    if "mAP" in df and df["mAP"].notna().any():
-        sub = df[df["mAP"].notna()]
-        axes[2].plot(sub["epoch"], sub["mAP"], marker="s", label="mAP (test)")
-        axes[2].plot(sub["epoch"], sub["rank1"], marker="^", label="rank-1 (test)")
-    axes[2].set_ylim(0, 1)
-    axes[2].set_title("agreement / retrieval")
-    axes[2].legend(fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out_png
-
-
-def finetune(cfg: FinetuneConfig, out_dir, plot: bool = False) -> Path:
+def finetune(cfg: FinetuneConfig, out_dir) -> Path:
     """Run PPLR fine-tuning (see the module docstring); returns the path of the final model (``last.pth``).
 
     Files in ``out_dir``: ``checkpoint.pth`` (resume state, every epoch), ``last.pth`` (the model in the
     ``partreid.reid_model`` format, readable by ``extract-features``/``evaluate``), ``metrics.csv`` (per epoch:
-    losses, clusters, outliers, mean agreement, lr, images/s, mAP when evaluated), ``metrics.png`` with ``plot``,
-    and ``summary.json``.
+    losses, clusters, outliers, mean agreement, lr, images/s, mAP when evaluated) and ``summary.json``
+    (``finetune --plot`` draws ``metrics.png`` from ``metrics.csv``).
 
     Raises:
         InputError: bad checkpoint/dataset/labels, or an epoch whose clustering gives fewer than 2 clusters.
     """
-    import json
-
     out = Path(out_dir)
     seed_everything(cfg.seed)
     run = _Run(cfg, out)
@@ -571,7 +518,5 @@ def finetune(cfg: FinetuneConfig, out_dir, plot: bool = False) -> Path:
                      "not reported", run.history[-1]["epoch"], last_metrics, best["epoch"], best["mAP"])
         with atomic_path(out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        if plot:
-            plot_history(out / "metrics.csv", out / "metrics.png")
     dist.barrier()
     return out / "last.pth"

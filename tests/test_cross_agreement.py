@@ -104,6 +104,7 @@ def test_statistics_table():
 
 
 def test_refine_labels_file(tmp_path):
+    from partreid.cli._plots import plot_agreement
     from partreid.common.h5io import read_labels, write_features
     from partreid.pplr_finetune.pseudo_labels import cluster_features_file
 
@@ -112,8 +113,7 @@ def test_refine_labels_file(tmp_path):
     write_features(feats, g / np.linalg.norm(g, axis=1, keepdims=True), parts, [f"{i}.jpg" for i in range(300)],
                    np.arange(300) % 20, np.zeros(300, np.int64), {"normalized": True, "command": "t"})
     labels_path, _ = cluster_features_file(feats, tmp_path / "l.h5", k1=30, k2=6, eps=0.6, min_samples=4)
-    out, report = refine_labels_file(labels_path, tmp_path / "r.h5", k=20, plot=tmp_path / "a.png",
-                                     command="refine-labels l.h5")
+    out, report = refine_labels_file(labels_path, tmp_path / "r.h5", k=20, command="refine-labels l.h5")
     refined = read_labels(out)
     base = read_labels(labels_path)
     np.testing.assert_array_equal(refined.labels, base.labels)
@@ -122,7 +122,7 @@ def test_refine_labels_file(tmp_path):
     np.testing.assert_allclose(refined.agreement, cross_agreement_from_features(g, parts, 20), atol=1e-6)
     assert refined.attrs["agreement_k"] == 20 and refined.attrs["k1"] == 30
     assert "reused" in report and "part" in report
-    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_agreement(refined.agreement, tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the features changed after clustering: the hash check refuses
     write_features(feats, g[::-1].copy(), parts, [f"{i}.jpg" for i in range(300)], np.arange(300) % 20,
                    np.zeros(300, np.int64), {"normalized": False, "command": "t"})

@@ -1,15 +1,14 @@
 """Evaluation core: exact mAP/CMC/mINP against a straightforward reference, CUHK03 SGS, top-k, pictures."""
 
-import sys
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from partreid.common.errors import InputError
+from partreid.common.retrieval import evaluation
 from partreid.common.retrieval.evaluation import (distance_chunks, evaluate_distances, evaluate_features, topk_per_query)
-from partreid.common.visualize import (QUERY_COLOR, RIGHT_COLOR, WRONG_COLOR, ranked_list_layout, save_ranked_lists)
+from partreid.cli._plots import (QUERY_COLOR, RIGHT_COLOR, WRONG_COLOR, ranked_list_layout, save_ranked_lists)
 
 KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")
 
@@ -73,7 +72,8 @@ def test_matches_reference_with_ties_distractors_junk(seed):
 
 
 def test_reference_agrees_with_sklearn_ap_without_ties():
-    # open-reid's AP (spec §E.1) is sklearn's average_precision_score; equal to ours without ties
+    # open-reid's AP (open-reid ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``) is sklearn's
+    # average_precision_score; equal to ours without ties
     from sklearn.metrics import average_precision_score
     rng = np.random.default_rng(7)
     dist, qp, qc, gp, gc = random_problem(7)
@@ -188,7 +188,11 @@ def test_evaluate_features_matches_reference_on_dense_float64_distances():
     assert 0.2 < got["mAP"] < 1.0
 
 
-def test_evaluate_features_rerank_uses_reranking_module(monkeypatch):
+def test_evaluate_rerank_uses_reranking_module(monkeypatch):
+    # evaluate --rerank: the re-ranked blocks, not the plain distances, are what gets ranked
+    from partreid.cli import _stages
+    from partreid.common.retrieval import reranking
+
     rng = np.random.default_rng(1)
     qf, gf = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
     qp, qc, gp, gc = np.arange(6) % 3, np.zeros(6), np.arange(10) % 3, np.ones(10)
@@ -196,13 +200,16 @@ def test_evaluate_features_rerank_uses_reranking_module(monkeypatch):
     calls = []
 
     def fake(q, g, k1, k2, lambda_value, chunk_size):
-        calls.append((q.shape, g.shape, k1, k2, lambda_value, chunk_size))
+        calls.append((q.shape, g.shape, k1, k2, lambda_value))
         return iter([(0, fixed[:4]), (4, fixed[4:])])
 
-    monkeypatch.setitem(sys.modules, "partreid.common.retrieval.reranking", types.SimpleNamespace(reranked_distance_chunks=fake))
-    got = evaluate_features(qf, gf, qp, qc, gp, gc, rerank=True, k1=7, k2=3, lambda_value=0.5, chunk_size=4)
-    assert calls == [((6, 4), (10, 4), 7, 3, 0.5, 4)]
+    monkeypatch.setattr(reranking, "reranked_distance_chunks", fake)
+    got = _stages.evaluate_arrays(qf, gf, qp, gp, qc, gc, rerank=True, k1=7, k2=3, lambda_value=0.5)
+    assert calls == [((6, 4), (10, 4), 7, 3, 0.5)]
     assert_same(got, reference_metrics(fixed, qp, qc, gp, gc))
+    assert (got["rerank"], got["k1"], got["k2"], got["lambda"]) == (True, 7, 3, 0.5)
+    with pytest.raises(InputError, match="euclidean"):
+        _stages.evaluate_arrays(qf, gf, qp, gp, qc, gc, rerank=True, metric="cosine")
 
 
 def test_evaluate_features_label_count_mismatch():

@@ -1,4 +1,6 @@
-"""Sparse k-reciprocal Jaccard (partreid.common.retrieval.kreciprocal) against a plain dense implementation of reference-spec §D.1."""
+"""Sparse k-reciprocal Jaccard (partreid.common.retrieval.kreciprocal) against a plain dense implementation of
+cluster-contrast's ``compute_jaccard_distance`` (``clustercontrast/utils/faiss_rerank.py``), and its compiled
+kernels against straightforward numpy."""
 
 import tracemalloc
 
@@ -8,13 +10,15 @@ import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
 from partreid.common.errors import InputError
-from partreid.common.retrieval.kreciprocal import (expanded_sets, jaccard_radius_graph, knn_columns_needed, kreciprocal_jaccard,
-                                local_query_expansion, neighbour_counts, reciprocal_neighbours)
+from partreid.common.retrieval.kreciprocal import (InvertedIndex, encode, expanded_sets, jaccard_radius_graph,
+                                                   knn_columns_needed, kreciprocal_jaccard, local_query_expansion,
+                                                   min_sum_block, neighbour_counts, numba_cache_dir, pattern_dots,
+                                                   reciprocal_neighbours, reciprocal_pair, row_ids)
 from partreid.pplr_finetune.pseudo_labels import dbscan_labels
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The dense reference: §D.1 written the way the original code does it (Python loops, three N×N arrays).
+# The dense reference: compute_jaccard_distance written the way upstream does it (Python loops, three N×N arrays).
 # `rank` is the rank table the original sees: k1 columns for the 'reference' convention (its `[:k1+1]` slice
 # then yields k1 entries), the full argsort for the textbook convention.
 def dense_jaccard(x, rank, k1, k2):
@@ -129,29 +133,25 @@ def test_all_shared_support_pairs_with_max_distance_one(data):
     assert stored.sum() == (ref < 1).sum()
 
 
-def test_chunking_and_order_do_not_change_the_graph(data):
+def test_table_lookups_and_the_kernel_alone_give_the_same_graph(data):
     x, full_rank, _ = data
     width = knn_columns_needed(K1, K2)
     knn = full_rank[:, :width]
     e = expanded_sets(knn, *neighbour_counts(K1))
     sims = np.take_along_axis(x @ x.T, knn, axis=1)
     base = kreciprocal_jaccard(x, K1, K2, max_distance=0.7, knn=knn, similarities=sims)
-    small = kreciprocal_jaccard(x, K1, K2, max_distance=0.7, knn=knn, chunk_elems=997)
-    assert (abs(base - small) > 1e-6).nnz == 0 and base.nnz == small.nnz
-    # the kernel alone, with and without a row order
-    from partreid.common.retrieval.kreciprocal import encode, lookup_pairs, _row_ids
-    rows = _row_ids(e.indptr)
-    vals, found = lookup_pairs(rows, e.indices.astype(np.int64), knn, sims)
-    assert found.mean() > 0.5
+    computed = kreciprocal_jaccard(x, K1, K2, max_distance=0.7, knn=knn)  # every x_i·x_j computed
+    assert (abs(base - computed) > 1e-6).nnz == 0 and base.nnz == computed.nnz
+    # the kernel alone on V_qe
+    rows = row_ids(e.indptr)
     v = local_query_expansion(encode(e, 2 * np.einsum("ij,ij->i", x[rows], x[e.indices]) - 2), knn, K2)
     g1 = jaccard_radius_graph(v, 0.7)
-    g2 = jaccard_radius_graph(v, 0.7, order=np.random.default_rng(0).permutation(x.shape[0]))
-    assert g1.nnz == g2.nnz == base.nnz and (abs(g1 - g2) > 1e-6).nnz == 0
+    assert g1.nnz == base.nnz and (abs(g1 - base) > 1e-6).nnz == 0
     # rows sorted by distance, symmetric
     for r in (0, 5, 100):
         seg = g1.data[g1.indptr[r]:g1.indptr[r + 1]]
         assert (np.diff(seg) >= 0).all()
-    assert (abs(g1 - g1.T) > 1e-6).nnz == 0
+    assert (g1 != g1.T).nnz == 0
 
 
 def test_reciprocal_sets_hand_example():
@@ -214,151 +214,7 @@ def test_input_errors():
         kreciprocal_jaccard(x_nan, 10, 4)
 
 
-def test_forked_workers_give_the_same_graph(data, monkeypatch, caplog):
-    import logging
-
-    import partreid.common.retrieval.kreciprocal as kr
-
-    x, full_rank, _ = data
-    knn = full_rank[:, :knn_columns_needed(K1, K2)]
-    single = kreciprocal_jaccard(x, K1, K2, max_distance=0.7, knn=knn, n_jobs=1)
-    monkeypatch.setattr(kr, "_FORK_MIN_TERMS", 0)
-    monkeypatch.setattr(kr, "_FORK_MIN_ROWS", 0)
-    with caplog.at_level(logging.DEBUG, logger="partreid"):
-        forked = kreciprocal_jaccard(x, K1, K2, max_distance=0.7, knn=knn, n_jobs=3)
-    assert not [r for r in caplog.records if "failed" in r.getMessage()]  # the children did the work
-    assert forked.nnz == single.nnz
-    np.testing.assert_array_equal(forked.indptr, single.indptr)
-    np.testing.assert_array_equal(forked.indices, single.indices)
-    np.testing.assert_array_equal(forked.data, single.data)
-
-
-def test_fork_map_redoes_a_failed_child():
-    import os
-
-    from partreid.common.retrieval.kreciprocal import _fork_map
-
-    parent = os.getpid()
-
-    def work(a, b):
-        if os.getpid() != parent and a == 10:
-            raise RuntimeError("child failure")
-        return (np.arange(a, b),)
-
-    parts = _fork_map(work, [(0, 10), (10, 20), (20, 30)])
-    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), np.arange(30))
-
-
-def test_fork_map_cleans_up_when_the_parent_fails(monkeypatch):
-    import os
-
-    import partreid.common.retrieval.kreciprocal as kr
-
-    parent = os.getpid()
-    forked = []
-    real_fork = os.fork
-
-    def recording_fork():
-        pid = real_fork()
-        if pid:
-            forked.append(pid)
-        return pid
-
-    monkeypatch.setattr(kr.os, "fork", recording_fork)
-
-    def work(a, b):
-        if os.getpid() == parent:
-            raise ValueError("parent failure")
-        return (np.arange(a, b),)
-
-    with pytest.raises(ValueError):
-        kr._fork_map(work, [(0, 10), (10, 20)])
-    assert len(forked) == 1
-    with pytest.raises(ChildProcessError):
-        os.waitpid(forked[0], os.WNOHANG)  # already reaped: no zombie left behind
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The pruned min-sum kernel: light entries, candidate pairs, exact verification
-
-
-def test_light_entries_are_the_lightest_within_the_budget():
-    from partreid.common.retrieval.kreciprocal import light_entries
-
-    rows = [
-        [0.5, 0.1, 0.2, 0.05, 0.15],  # sorted: .05 .1 .15 .2 .5 → budget .31 holds .05+.1+.15
-        [0.15, 0.15, 0.15, 0.55],  # .15+.15 fits, the third does not and ties with them: all three heavy
-        [0.4, 0.6],  # nothing fits
-        [0.1, 0.05],  # everything fits
-        [],  # empty row
-    ]
-    data = np.concatenate([np.asarray(r, np.float32) for r in rows])
-    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-    v = sp.csr_matrix((data, np.concatenate([np.arange(len(r)) for r in rows]).astype(np.int32), indptr),
-                      shape=(5, 6))
-    light, mass = light_entries(v, 0.31)
-    expected = [[False, True, False, True, True], [False, False, False, False], [False, False], [True, True], []]
-    np.testing.assert_array_equal(light, np.concatenate([np.asarray(e, bool) for e in expected]))
-    np.testing.assert_allclose(mass, [0.3, 0.0, 0.0, 0.15, 0.0], atol=1e-7)
-    light0, mass0 = light_entries(v, 0.0)
-    assert not light0.any() and (mass0 == 0).all()
-
-
-def test_light_entries_invariants_on_random_rows():
-    from partreid.common.retrieval.kreciprocal import light_entries
-
-    rng = np.random.default_rng(4)
-    v = sp.random(300, 400, density=0.08, format="csr", random_state=5, dtype=np.float32)
-    v.data = rng.gamma(0.7, 1.0, v.nnz).astype(np.float32)
-    v.data[::17] = v.data[1::17][: v.data[::17].size]  # some ties
-    sigma = 0.8
-    light, mass = light_entries(v, sigma)
-    for i in range(v.shape[0]):
-        seg = slice(v.indptr[i], v.indptr[i + 1])
-        vals, lt = v.data[seg], light[seg]
-        assert abs(vals[lt].astype(np.float64).sum() - mass[i]) < 1e-5
-        assert mass[i] <= sigma + 1e-6
-        if lt.any() and (~lt).any():
-            assert vals[lt].max() < vals[~lt].min()  # light = strictly lighter than every heavy entry
-        if (~lt).any():  # maximal: the lightest heavy value (and its ties) would break the budget
-            smallest = vals[~lt].min()
-            assert mass[i] + smallest * (vals == smallest).sum() > sigma - 1e-6
-
-
-@pytest.mark.parametrize("max_distance", [0.3, 0.6, 0.9, 1.0])
-def test_pruned_kernel_equals_the_full_kernel(max_distance):
-    import partreid.common.retrieval.kreciprocal as kr
-
-    x = clustered_features(n=2500, d=24, ids=120, noise=0.9, seed=11)
-    full_rank = np.argsort(-(x.astype(np.float64) @ x.T.astype(np.float64)), axis=1, kind="stable")
-    knn = full_rank[:, :knn_columns_needed(K1, K2)]
-    v = local_query_expansion(kr.encode(expanded_sets(knn, *neighbour_counts(K1)),
-                                        2 * _dots_for(x, expanded_sets(knn, *neighbour_counts(K1))) - 2), knn, K2)
-    full = kr._JaccardKernel(v.tocsr(), max_distance, 4096, light_fraction=0.0)
-    assert not full.verify
-    ref = full.run(0, x.shape[0])
-    for fraction, chunk in [(0.3, 4096), (0.45, 300), (0.3, 50)]:  # small chunks: the renumbered-target path
-        pruned = kr._JaccardKernel(v.tocsr(), max_distance, chunk, light_fraction=fraction)
-        assert pruned.verify == (max_distance < 1.0)
-        if pruned.verify:
-            assert pruned.total_terms < 0.8 * full.total_terms  # it does skip work
-        got = pruned.run(0, x.shape[0])
-        np.testing.assert_array_equal(got[0], ref[0])
-        np.testing.assert_array_equal(got[1], ref[1])
-        np.testing.assert_allclose(got[2], ref[2], atol=2e-6, rtol=0)
-    assert ref[0].size > 1000  # a meaningful number of pairs within max_distance
-
-
-def _dots_for(x, pattern):
-    from partreid.common.retrieval.kreciprocal import _row_ids
-
-    rows = _row_ids(pattern.indptr)
-    return np.einsum("ij,ij->i", x[rows], x[pattern.indices]).astype(np.float32)
-
-
 def test_reciprocal_pair_equals_two_separate_computations():
-    from partreid.common.retrieval.kreciprocal import reciprocal_pair
-
     x = clustered_features(n=500, d=16, ids=40, noise=0.8, seed=2)
     rank = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :30]
     for n_forward, n_half in [(30, 16), (20, 11), (5, 5), (1, 1)]:
@@ -368,29 +224,101 @@ def test_reciprocal_pair_equals_two_separate_computations():
             assert got.has_sorted_indices and (got != want).nnz == 0 and (got.data == 1).all()
 
 
-def test_pair_dots_match_numpy_in_any_row_order_and_chunking():
-    from partreid.common.retrieval.kreciprocal import pair_dots
 
+
+# ------------------------------------------------------------------------------------------------------------
+# The compiled kernels against straightforward numpy
+
+
+def numpy_min_sums(v):
+    """m[i, j] = Σ_k min(V[i,k], V[j,k]) for a small dense float32 V, accumulated in float64."""
+    return np.minimum(v[:, None, :].astype(np.float64), v[None, :, :]).sum(axis=2)
+
+
+def random_encoding(n=300, m=300, groups=30, seed=6):
+    """A sparse V like an encoding: positive float32 values, rows summing to 1, rows of a group sharing most
+    of their support, two empty rows."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(0.7, 1.0, (groups, m)) * (rng.random((groups, m)) < 0.06)
+    v = base[rng.integers(0, groups, n)] * rng.uniform(0.5, 1.5, (n, m))  # same support, other values
+    v *= rng.random((n, m)) < 0.8  # drop a fifth of it
+    v += rng.gamma(0.7, 0.3, (n, m)) * (rng.random((n, m)) < 0.01)  # a few entries of its own
+    v[[7, 150]] = 0
+    v /= np.maximum(v.sum(axis=1, keepdims=True), 1e-12)
+    return sp.csr_matrix(v.astype(np.float32))
+
+
+@pytest.mark.parametrize("max_distance", [0.3, 0.8, 1.0])
+def test_radius_graph_equals_numpy_min_sums(max_distance):
+    v = random_encoding()
+    m = numpy_min_sums(v.toarray())
+    d = np.maximum(1 - m / (2 - m), 0)
+    np.fill_diagonal(d, 0)
+    empty = np.diff(v.indptr) == 0
+    d[empty, empty] = 1
+    want = (d <= max_distance) & ((m > 0) | np.eye(len(d), dtype=bool))
+    graph = jaccard_radius_graph(v, max_distance)
+    coo, stored = _stored_mask(graph)
+    np.testing.assert_array_equal(stored, want)
+    np.testing.assert_allclose(coo.data, d[coo.row, coo.col], atol=1e-6, rtol=0)
+    assert (graph != graph.T).nnz == 0
+    off_diagonal = want & ~np.eye(len(d), dtype=bool)
+    assert off_diagonal.sum() > 50 and (~want).sum() > len(d)  # pairs off the diagonal are found, not all
+
+
+def test_stored_zeros_of_v_are_not_shared_support():
+    v = random_encoding(n=200, m=200, seed=3)
+    graph = jaccard_radius_graph(v, 1.0)
+    # the same values with explicit zeros stored in every row (e.g. an underflowed softmax weight)
+    dense = v.toarray()
+    zeros = (dense == 0) & (np.random.default_rng(4).random(dense.shape) < 0.1)
+    coo = v.tocoo()
+    rows = np.concatenate([coo.row, np.nonzero(zeros)[0]])
+    cols = np.concatenate([coo.col, np.nonzero(zeros)[1]])
+    vals = np.concatenate([coo.data, np.zeros(int(zeros.sum()), np.float32)])
+    with_zeros = sp.csr_matrix((vals, (rows, cols)), shape=v.shape)
+    assert with_zeros.nnz == v.nnz + zeros.sum()
+    other = jaccard_radius_graph(with_zeros, 1.0)
+    assert other.nnz == graph.nnz
+    np.testing.assert_array_equal(other.indices, graph.indices)
+    np.testing.assert_array_equal(other.data, graph.data)
+
+
+def test_min_sum_block_equals_numpy_min_sums():
+    v = random_encoding(n=250, m=250, seed=8)  # square, like V_qe (N, N)
+    m = numpy_min_sums(v.toarray())
+    inv = InvertedIndex(v)
+    for r0, r1, j0 in [(0, 250, 0), (0, 40, 40), (13, 17, 200), (249, 250, 249)]:
+        got = min_sum_block(inv, r0, r1, j0)
+        assert got.shape == (r1 - r0, 250 - j0) and got.dtype == np.float32
+        np.testing.assert_allclose(got, m[r0:r1, j0:], atol=1e-6, rtol=0)
+    assert (m[:40, 40:] > 0).mean() > 0.3  # rows do share columns
+
+
+def test_pattern_dots_read_the_table_or_compute():
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((300, 40)).astype(np.float32)
-    rows = rng.integers(0, 300, 5000)
-    cols = rng.integers(0, 300, 5000)
-    want = np.einsum("ij,ij->i", x[rows].astype(np.float64), x[cols].astype(np.float64))
-    for chunk in (1 << 16, 777, 1):  # chunks that split a row's pairs, down to one pair per call
-        np.testing.assert_allclose(pair_dots(x, rows, cols, chunk=chunk), want, atol=1e-4, rtol=1e-5)
-    srt = np.argsort(rows, kind="stable")
-    np.testing.assert_allclose(pair_dots(x, rows[srt], cols[srt]), want[srt], atol=1e-4, rtol=1e-5)
-    assert pair_dots(x, rows[:0], cols[:0]).shape == (0,)
+    x = rng.standard_normal((60, 24)).astype(np.float32)
+    pattern = sp.random(60, 60, density=0.2, format="csr", random_state=10, dtype=np.float32)
+    pattern.sort_indices()
+    rows = row_ids(pattern.indptr)
+    want = np.einsum("ij,ij->i", x[rows].astype(np.float64), x[pattern.indices].astype(np.float64))
+    np.testing.assert_allclose(pattern_dots(x, pattern), want, atol=1e-4, rtol=1e-5)
+    # a table holding some pairs with marker values: (i, j) first, else (j, i), else computed
+    knn = np.stack([np.arange(60), (np.arange(60) + 1) % 60], axis=1)
+    table = np.stack([np.full(60, 100.0), np.full(60, 200.0)], axis=1).astype(np.float32)
+    got = pattern_dots(x, pattern, knn, table)
+    cols = pattern.indices
+    expect = np.where(cols == rows, 100.0, np.where(cols == (rows + 1) % 60, 200.0,
+                                                    np.where(rows == (cols + 1) % 60, 200.0, want)))
+    np.testing.assert_allclose(got, expect, atol=1e-4, rtol=1e-5)
+    assert (cols == (rows + 1) % 60).any() and (rows == (cols + 1) % 60).any()
 
 
-def test_lookup_pairs_hand_example():
-    from partreid.common.retrieval.kreciprocal import lookup_pairs
-
-    knn = np.array([[0, 2, 1], [1, 0, 2], [2, 1, 0]])
-    vals = np.array([[1.0, 0.5, 0.25], [1.0, 0.75, 0.125], [1.0, 0.0, 0.375]], np.float32)
-    got, found = lookup_pairs(np.array([0, 0, 1, 2, 2, 1]), np.array([1, 2, 2, 1, 0, 1]), knn, vals)
-    np.testing.assert_array_equal(found, [True, True, True, True, True, True])
-    np.testing.assert_array_equal(got, [0.25, 0.5, 0.125, 0.0, 0.375, 1.0])  # a stored 0.0 is still found
-    got, found = lookup_pairs(np.array([0, 1]), np.array([1, 2]), knn[:, :2], vals[:, :2])
-    np.testing.assert_array_equal(found, [False, False])
-    np.testing.assert_array_equal(got, [0.0, 0.0])
+def test_numba_cache_dir_only_for_a_read_only_package(tmp_path):
+    read_only = str(tmp_path / "not-writable")  # missing: cannot be written, even by root
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert numba_cache_dir(env, read_only, False) == str(tmp_path / "xdg" / "partreid" / "numba")
+    assert numba_cache_dir({}, read_only, False).endswith("/.cache/partreid/numba")
+    assert numba_cache_dir(env, str(tmp_path), False) is None  # writable: numba's __pycache__ beside the module
+    assert numba_cache_dir({**env, "NUMBA_CACHE_DIR": "/mine"}, read_only, False) is None  # the user's choice
+    assert numba_cache_dir(env, read_only, True) is None  # numba already imported: too late to change it

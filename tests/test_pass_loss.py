@@ -1,4 +1,4 @@
-"""PASS loss (reference-spec §A.6): value against a direct computation, centre update, temperatures."""
+"""PASS loss (PASS ``main_pass.py`` ``DINOLoss``): value against a direct computation, centre update, temperatures."""
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ def _np_log_softmax(x):
 
 
 def direct_pass_loss(s_cls, s_part, t_cls, t_part, centers, n_global, n_bands, per_band, tau_s, tau_t):
-    """Spell out every term of §A.6 with explicit loops (float64 numpy).
+    """Spell out every term of PASS ``main_pass.py`` ``DINOLoss`` with explicit loops (float64 numpy).
 
     s_cls[v]: (B, K) student CLS logits of view v (crop order); s_part[k][v]: student PART_k logits of view v
     (only defined for global views and band k's crops); t_cls[i], t_part[k][i]: teacher global view i.

@@ -1,4 +1,5 @@
-"""PASS training loop (reference-spec §A.7-§A.9): schedules, EMA, clipping, freeze, resume, real-input run."""
+"""PASS training loop (PASS ``main_pass.py`` ``train_dino``, ``utils.py``;
+export as ``convert_model_dino.py``): schedules, EMA, clipping, freeze, resume, real-input run."""
 
 import csv
 import dataclasses

@@ -1,4 +1,5 @@
-"""PPLR loss formulas against hand-computed values on tiny tensors (reference-spec §C.4, §C.7)."""
+"""PPLR loss formulas against hand-computed values on tiny tensors (PPLR ``pplr/trainers.py``
+``PPLRTrainer`` and ``PPLRTrainerCAM``)."""
 
 import math
 
@@ -137,7 +138,7 @@ def test_build_camera_proxies_hand_value():
 
 
 def _loop_inter_cam(feats, targets, cams, proxies, ppids, pcams, temp, num_neg):
-    """Straightforward per-sample implementation of the §C.7 description."""
+    """Straightforward per-sample implementation of PPLR's ``InterCamProxy`` loss."""
     f = F.normalize(feats, dim=1)
     total = feats.new_zeros(())
     for i in range(feats.shape[0]):

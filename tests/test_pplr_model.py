@@ -1,9 +1,8 @@
-"""ReIDModel, ghost BatchNorm, ResNetStripes and the fine-tuned model checkpoint (reference-spec §C.1, §A.9, §G)."""
+"""ReIDModel, ghost BatchNorm, ResNetStripes and the fine-tuned model checkpoint (PPLR
+``pplr/models/resnet_part.py``, ``examples/train_pplr.py``)."""
 
 import copy
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 from partreid.common.errors import InputError
+from partreid.common.models import reid
 from partreid.common.models.reid import (GroupedBatchNorm1d, GroupedBatchNorm2d, ReIDModel, cluster_centroids,
                                 convert_to_grouped_bn, load_reid_checkpoint, save_reid_checkpoint)
 from partreid.common.models.resnet import ResNetStripes
@@ -249,7 +249,7 @@ def test_checkpoint_vit_dispatch_and_format_errors(tmp_path, monkeypatch):
         calls.append((arch, kw))
         return TinyBackbone(**kw)
 
-    monkeypatch.setitem(sys.modules, "partreid.common.models.vit", types.SimpleNamespace(build_part_vit=build_part_vit))
+    monkeypatch.setattr(reid, "build_part_vit", build_part_vit)
     model = ReIDModel(TinyBackbone(embed_dim=4), fusion="mean", num_classes=0)
     model.reset_classifiers(torch.randn(9, 4), torch.randn(3, 9, 4))
     path = save_reid_checkpoint(tmp_path / "v.pth", model,

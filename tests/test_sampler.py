@@ -1,4 +1,5 @@
-"""PK sampler: P×K structure, camera preference, determinism and fast-forward (reference-spec §C.5)."""
+"""PK sampler: P×K structure, camera preference, determinism and fast-forward (PPLR ``pplr/utils/data/sampler.py``
+``RandomMultipleGallerySampler``)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,6 @@
-"""PartViT: token routing, position resize, checkpoint layouts (reference-spec §A.1, §A.2, §A.4, §A.9, §B.1)."""
+"""PartViT: token routing, position resize, checkpoint layouts (PASS ``vision_transformer.py`` ``VisionTransformer``,
+PASS ``vision_transformer.py`` ``interpolate_pos_encoding``, PASS ``utils.py`` ``MultiCropWrapper``, PASS
+``convert_model_dino.py``, PASS-reID ``TR/model/make_model.py`` ``build_transformer_pass``)."""
 
 import math
 
@@ -14,7 +16,8 @@ from partreid.pass_pretrain.heads import PASSMultiCrop
 
 
 def official_pass_state(dim: int, depth: int, grid=(16, 8), seed: int = 0) -> dict:
-    """A state dict written from the official PASS backbone key list (§A.9), independently of our model."""
+    """A state dict written from the official PASS backbone key list (PASS ``convert_model_dino.py``), independently
+    of our model."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -49,7 +52,7 @@ def test_sizes_and_attributes():
         assert (m.embed_dim, m.num_heads, m.num_parts, m.image_size) == (dim, heads, 3, (256, 128))
         assert m.pos_embed.shape == (1, 128, dim)
         assert m.blocks[0].norm1.eps == 1e-6 and m.blocks[0].attn.qkv.bias is not None
-        assert torch.count_nonzero(m.cls_pos) == 0  # cls_pos is not trunc-normal initialised (§A.1)
+        assert torch.count_nonzero(m.cls_pos) == 0  # PASS VisionTransformer leaves cls_pos at zero
     m = build_part_vit("vit_tiny", depth=12, drop_path_rate=0.1)
     rates = [0.0 if not hasattr(b.drop_path1, "drop_prob") else b.drop_path1.drop_prob for b in m.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates[6] == pytest.approx(0.1 * 6 / 11)
@@ -75,7 +78,7 @@ def test_global_and_band_routing_shapes(tiny):
 
 def test_band_routing_uses_only_its_part_token():
     """A local crop of band k sees [CLS, PART_{k+1}] only: perturbing PART3 (token or position) changes band 2 and
-    the global view, never bands 0 and 1 (§A.1)."""
+    the global view, never bands 0 and 1 (PASS ``vision_transformer.py`` ``VisionTransformer``)."""
     torch.manual_seed(1)
     m = build_part_vit("vit_tiny", depth=2).eval()
     crop, x = torch.randn(2, 3, 128, 64), torch.randn(2, 3, 256, 128)
@@ -208,7 +211,8 @@ def test_detect_arch():
 
 
 def test_multicrop_wrapper_routing():
-    """PASSMultiCrop: one global call with all tokens, one call per band with [CLS, PART_k] (§A.4-A.5)."""
+    """PASSMultiCrop: one global call with all tokens, one call per band with [CLS, PART_k] (PASS ``utils.py``
+    ``MultiCropWrapper``; PASS ``vision_transformer.py`` ``DINOHead``)."""
     torch.manual_seed(0)
     backbone = build_part_vit("vit_tiny", depth=1, image_size=(64, 32))
     layout = CropLayout(2, 3, 3)

@@ -5,7 +5,7 @@ Accepted (detected from the file's content, not its name):
 - our ``pass-pretrain`` run checkpoints (``checkpoint.pth`` with ``teacher``/``student``; the teacher backbone is
   used) and ``pass-pretrain export`` files;
 - the official PASS checkpoints (``pass_vit_small_full.pth``, ``pass_vit_base_full.pth``: the converted teacher
-  backbone, reference-spec §A.9), also DINO-style dicts holding ``teacher``;
+  backbone, PASS ``convert_model_dino.py``), also DINO-style dicts holding ``teacher``;
 - our ``finetune`` checkpoints (``format`` = ``partreid.reid_model``: backbone + BNNecks + classifiers);
 - timm ViT state dicts (part tokens initialised from [CLS]);
 - torchvision ResNet-50 state dicts, giving PPLR's part model (last stride 1, 3 horizontal stripes);
@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import torch
 from torch import nn
 
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 from partreid.common.errors import InputError
 from partreid.common.fileio import sha256_file
-from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
-
-VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+from partreid.common.models.archs import VIT_ARCHS, default_image_size
+from partreid.common.models.checkpoint import read_checkpoint
+from partreid.common.models.reid import load_reid_checkpoint
+from partreid.common.models.resnet import ResNetStripes
+from partreid.common.models.vit import build_part_vit, load_part_vit
 
 
 @dataclass
@@ -60,15 +62,6 @@ class LoadedModel:
         return self.kind == "reid"
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such checkpoint") from None
-    except Exception as exc:  # pickle/zip errors
-        raise InputError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
-
-
 def _is_resnet_state(sd: Dict[str, Any]) -> bool:
     keys = {k.replace("module.", "").replace("backbone.", "") for k in sd}
     return "conv1.weight" in keys and any(k.startswith("layer4.") for k in keys)
@@ -76,8 +69,6 @@ def _is_resnet_state(sd: Dict[str, Any]) -> bool:
 
 def _build_vit(arch: Optional[str], state: Optional[Dict[str, Any]], where: str, image_size=None):
     """A PartViT: random (``state`` None) or fitted to ``state`` (arch and depth read from the tensor shapes)."""
-    from partreid.common.models.vit import build_part_vit, load_part_vit
-
     if state is None:
         if arch not in VIT_ARCHS:
             raise InputError(f"{where}: unknown ViT arch {arch!r} (expected one of {', '.join(VIT_ARCHS)})")
@@ -105,27 +96,23 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
         name = checkpoint.split(":", 1)[1] or (arch or "vit_tiny")
         sha = hashlib.sha256(checkpoint.encode()).hexdigest()
         if name == "resnet50":
-            from partreid.common.models.resnet import ResNetStripes
-
             model = ResNetStripes(weights=resnet_weights)
-            return _finish(model, "resnet", "resnet50", image_size or (384, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
+            return _finish(model, "resnet", "resnet50", image_size or default_image_size("resnet50"), IMAGENET_MEAN, IMAGENET_STD, sha,
                            "ResNet-50 stripes (ImageNet weights)" if resnet_weights else "random ResNet-50 stripes")
         model, name = _build_vit(name, None, checkpoint, image_size)
-        return _finish(model, "vit", name, image_size or (256, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
+        return _finish(model, "vit", name, image_size or default_image_size(name), IMAGENET_MEAN, IMAGENET_STD, sha,
                        f"randomly initialised {name}")
 
     path = Path(checkpoint)
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint")
     sha = sha256_file(path)
-    obj = _torch_load(path)
+    obj = read_checkpoint(path)
     if not isinstance(obj, dict):
         raise InputError(f"{path}: not a state dict or checkpoint dict (got {type(obj).__name__})")
 
     fmt = obj.get("format")
     if fmt == "partreid.reid_model":
-        from partreid.common.models.reid import load_reid_checkpoint
-
         model, meta = load_reid_checkpoint(path)
         size = tuple(image_size or meta.get("image_size") or (256, 128))
         return _finish(model, "reid", meta.get("arch", "?"), size, tuple(meta.get("pixel_mean", IMAGENET_MEAN)),
@@ -136,10 +123,8 @@ def load_model(checkpoint: str, *, arch: Optional[str] = None, image_size: Optio
             state = obj[key]
             break
     if _is_resnet_state(state):
-        from partreid.common.models.resnet import ResNetStripes
-
         model = ResNetStripes(weights=str(path))
-        return _finish(model, "resnet", "resnet50", image_size or (384, 128), IMAGENET_MEAN, IMAGENET_STD, sha,
+        return _finish(model, "resnet", "resnet50", image_size or default_image_size("resnet50"), IMAGENET_MEAN, IMAGENET_STD, sha,
                        "torchvision ResNet-50 (stripes)")
     # PartViT: official PASS backbone, DINO/PASS training checkpoint (teacher), timm ViT, or our export
     meta = obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {}

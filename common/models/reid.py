@@ -1,28 +1,29 @@
 """Re-ID head on a part backbone: fusion, BNNecks, bias-free classifiers, ghost BatchNorm, checkpoints.
 
-Used by PPLR fine-tuning (reference-spec §C.1) on a PASS ViT (global = CLS fused with the mean of the PART
-tokens, §A.9) or on PPLR's ResNet-50 stripes.
+Used by PPLR fine-tuning (PPLR ``pplr/models/resnet_part.py``) on a PASS ViT (global = CLS fused with the mean of the
+PART tokens, PASS-reID ``TR/model/make_model.py`` ``build_transformer_pass``) or on PPLR's ResNet-50 stripes.
 
 Classifier width and optimizer state (design choice)
 -----------------------------------------------------
-The reference builds each classifier once with a fixed 3000 rows, overwrites rows ``[:C]`` with the cluster
-centroids at every epoch and slices the logits to ``[:, :C]``; the Adam state of those weight tensors is never
-reset (§C.1). :class:`ReIDModel` does the same: ``num_classes`` is the classifier *capacity* (rows) and
-:meth:`ReIDModel.reset_classifiers` writes the C centroids into rows ``[:C]`` and sets the *active* width C
-(a persistent buffer, so it is checkpointed); ``forward`` returns logits of width C. Rows beyond C keep stale
-values, exactly like the reference (they still receive the L2 weight-decay part of Adam's update, as there).
-When an epoch has more clusters than rows, the classifiers grow: each weight becomes a new, larger
-``nn.Parameter`` holding the old rows, and the optimizer passed to :meth:`ReIDModel.reset_classifiers` gets
-the new parameter in place of the old one, with its state tensors (Adam ``exp_avg``/``exp_avg_sq``, SGD
-``momentum_buffer``) zero-padded, so the state of existing rows is kept. Loading a state dict with another
-capacity resizes the weights in place instead (same parameter objects, so an optimizer built before
-``load_state_dict`` stays valid). Growing parameters under DistributedDataParallel is not supported: with
-DDP, construct the model with enough capacity (e.g. 3000 as the reference, or the train-set size).
+The reference builds each classifier once with a fixed 3000 rows, overwrites rows ``[:C]`` with the cluster centroids
+at every epoch and slices the logits to ``[:, :C]``; the Adam state of those weight tensors is never reset (PPLR
+``examples/train_pplr.py``). :class:`ReIDModel` does the same: ``num_classes`` is the classifier *capacity* (rows) and
+:meth:`ReIDModel.reset_classifiers` writes the C centroids into rows ``[:C]`` and sets the *active* width C (a
+persistent buffer, so it is checkpointed); ``forward`` returns logits of width C. Rows beyond C keep stale values,
+exactly like the reference (they still receive the L2 weight-decay part of Adam's update, as there). When an epoch has
+more clusters than rows, the classifiers grow: each weight becomes a new, larger ``nn.Parameter`` holding the old
+rows, and the optimizer passed to :meth:`ReIDModel.reset_classifiers` gets the new parameter in place of the old one,
+with its state tensors (Adam ``exp_avg``/``exp_avg_sq``, SGD ``momentum_buffer``) zero-padded, so the state of
+existing rows is kept. Loading a state dict with another capacity resizes the weights in place instead (same parameter
+objects, so an optimizer built before ``load_state_dict`` stays valid). Growing parameters under
+DistributedDataParallel is not supported: with DDP, construct the model with enough capacity (e.g. 3000 as the
+reference, or the train-set size).
 
 Ghost BatchNorm (``bn_groups``)
 -------------------------------
 The reference trains with ``nn.DataParallel`` on 4 GPUs: each replica sees a contiguous quarter (16 images)
-of the 64-image batch and computes BatchNorm statistics on it (§C.5, §G). :class:`GroupedBatchNorm1d` /
+of the 64-image batch and computes BatchNorm statistics on it (PPLR ``examples/train_pplr.py`` wraps the model in
+``nn.DataParallel``; the published runs used 4 GPUs). :class:`GroupedBatchNorm1d` /
 :class:`GroupedBatchNorm2d` reproduce that on one device: in train mode the batch is split like DataParallel
 splits it (``torch.chunk`` along dim 0 into G contiguous groups) and each group is normalised with its own
 batch statistics. Running statistics: DataParallel's replica on device 0 shares its buffers with the module,
@@ -46,6 +47,9 @@ import torch.nn.functional as F
 
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
+from partreid.common.models.checkpoint import read_checkpoint
+from partreid.common.models.resnet import ResNetStripes
+from partreid.common.models.vit import build_part_vit
 
 __all__ = [
     "GroupedBatchNorm1d", "GroupedBatchNorm2d", "convert_to_grouped_bn", "cluster_centroids", "ReIDModel",
@@ -61,7 +65,8 @@ def fuse_features(g: torch.Tensor, parts: torch.Tensor, fusion: str) -> torch.Te
     """Global feature from the [CLS]/GAP output ``g`` (B, D) and the part outputs ``parts`` (B, P, D).
 
     With f_p = mean over parts: ``'cat'`` → [g ; f_p] (B, 2D); ``'mean'`` → (g + f_p)/2 (B, D); ``'cls'`` → g
-    (B, D) (reference-spec §A.9 "Feature fusion").
+    (B, D) (PASS-reID ``TR/model/make_model.py`` ``build_transformer_pass``; CC-PASS
+    ``clustercontrast/models/vision_transformer.py``).
 
     Raises:
         InputError: unknown ``fusion``.
@@ -112,7 +117,8 @@ class GroupedBatchNorm1d(_GroupedBNMixin, nn.BatchNorm1d):
     biased variance; running stats are updated from the first group only (DataParallel device-0 rule). With
     G = 1, or in eval mode, it is exactly ``nn.BatchNorm1d``.
 
-    Args: as ``nn.BatchNorm1d`` plus ``groups`` (int ≥ 1). Source: reference-spec §C.5 / §G (4-GPU DP).
+    Args: as ``nn.BatchNorm1d`` plus ``groups`` (int ≥ 1). Source: PPLR ``examples/train_pplr.py`` under
+    ``nn.DataParallel`` on 4 GPUs (each replica normalises a quarter of the batch).
 
     Raises:
         InputError: ``groups`` < 1.
@@ -183,8 +189,8 @@ def cluster_centroids(features, labels) -> torch.Tensor:
     """L2-normalised mean feature of each cluster: features (N, D) float, labels (N,) int → (C, D) float32.
 
     Labels must be 0..C−1 (every id present); −1 (DBSCAN outlier) rows are ignored. Each row is the mean of its
-    cluster's features, then L2-normalised, which is what PPLR writes into the classifier rows (§C.1; the
-    features passed are the extracted, already L2-normalised ones). Pure function.
+    cluster's features, then L2-normalised, which is what PPLR writes into the classifier rows (PPLR
+    ``examples/train_pplr.py``; the features passed are the extracted, already L2-normalised ones). Pure function.
 
     Raises:
         InputError: shape mismatch, no clustered sample, labels < −1 or ids missing from 0..C−1.
@@ -234,16 +240,17 @@ class ReIDModel(nn.Module):
     Args:
         backbone: module with ``embed_dim`` (D), ``num_parts`` (P) and ``forward(x) -> (g (B,D), parts (B,P,D))``
             (interfaces.md: PartViT or :class:`~common.models.resnet.ResNetStripes`).
-        fusion: global feature from (g, parts), with f_p = mean over parts (reference-spec §A.9):
-            ``'cat'`` = [g ; f_p] (Dg = 2D), ``'mean'`` = (g + f_p)/2 (Dg = D), ``'cls'`` = g (Dg = D; ResNet GAP).
+        fusion: global feature from (g, parts), with f_p = mean over parts (PASS-reID ``TR/model/make_model.py``
+            ``build_transformer_pass``): ``'cat'`` = [g ; f_p] (Dg = 2D), ``'mean'`` = (g + f_p)/2 (Dg = D), ``'cls'``
+            = g (Dg = D; ResNet GAP).
         num_classes: classifier capacity (rows); the active width is set by :meth:`reset_classifiers`
             (0 until then). See the module docstring for how widths and optimizer state are handled.
         bn_groups: ghost-BatchNorm groups G for every BatchNorm of the model (necks and ResNet backbone),
             1 = plain BatchNorm. See :class:`GroupedBatchNorm1d`.
 
     BNNecks are BatchNorm1d with weight 1, bias 0 and the bias frozen (``requires_grad=False``); classifiers
-    are ``nn.Linear(·, num_classes, bias=False)`` initialised N(0, 0.001²) (PPLR, §C.1). The backbone is
-    modified in place when its BatchNorm layers are converted to grouped ones.
+    are ``nn.Linear(·, num_classes, bias=False)`` initialised N(0, 0.001²) (PPLR ``pplr/models/resnet_part.py``). The
+    backbone is modified in place when its BatchNorm layers are converted to grouped ones.
 
     Raises:
         InputError: unknown fusion, backbone without ``embed_dim``/``num_parts``, num_classes < 0, bn_groups < 1.
@@ -334,7 +341,7 @@ class ReIDModel(nn.Module):
         - ``global_bn`` (B, Dg): after the BNNeck (PPLR's f_g, not normalised);
         - ``parts_feat`` (B, P, D) before and ``parts_bn`` (B, P, D) after the part BNNecks;
         - ``logits_global`` (B, C) and ``logits_parts`` (B, P, C): the first C = :attr:`num_classes` rows of
-          the bias-free classifiers applied to the BN features, no temperature (§C.1).
+          the bias-free classifiers applied to the BN features, no temperature (PPLR ``pplr/models/resnet_part.py``).
         """
         gf, parts, gb, pb = self._features(x)
         c = self.num_classes
@@ -347,8 +354,9 @@ class ReIDModel(nn.Module):
     def extract(self, x: torch.Tensor, neck: str = "after") -> Tuple[torch.Tensor, torch.Tensor]:
         """Retrieval/clustering features: (global (B, Dg), parts (B, P, D)), NOT L2-normalised.
 
-        ``neck='after'`` gives the BNNeck outputs (PPLR's features, §C.1/§C.2); ``'before'`` the fused global
-        and raw part features. Runs in the current train/eval mode and grad mode (the caller sets eval() and
+        ``neck='after'`` gives the BNNeck outputs (PPLR's features, PPLR ``examples/train_pplr.py``
+        ``extract_all_features``); ``'before'`` the fused global and raw part features. Runs in the current train/eval
+        mode and grad mode (the caller sets eval() and
         no_grad()).
 
         Raises:
@@ -412,7 +420,8 @@ class ReIDModel(nn.Module):
     @torch.no_grad()
     def reset_classifiers(self, global_centroids: torch.Tensor, part_centroids: torch.Tensor,
                           optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Write cluster centroids into the classifier rows and set the active width C (PPLR, §C.1).
+        """Write cluster centroids into the classifier rows and set the active width C (PPLR
+        ``examples/train_pplr.py``).
 
         Args:
             global_centroids: float (C, Dg), one row per cluster (e.g. :func:`cluster_centroids` of the global
@@ -466,11 +475,7 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
         InputError: unknown arch (raised by the builders) or bad arguments.
     """
     if arch == "resnet50":
-        from partreid.common.models.resnet import ResNetStripes
-
         return ResNetStripes(**kwargs)
-    from partreid.common.models.vit import build_part_vit
-
     return build_part_vit(arch, **kwargs)
 
 
@@ -574,10 +579,7 @@ def load_reid_checkpoint(path: Union[str, os.PathLike], map_location: Union[str,
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: model checkpoint not found")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{p}: cannot read as a torch checkpoint ({type(exc).__name__})") from exc
+    obj = read_checkpoint(p, weights_only=True, map_location=map_location, what="model checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != REID_FORMAT:
         tag = obj.get("format") if isinstance(obj, dict) else None
         raise InputError(f"{p}: not a {REID_FORMAT} checkpoint (format={tag!r})")

@@ -1,4 +1,5 @@
-"""ResNet-50 with last stride 1 and horizontal stripes: PPLR's original part backbone (reference-spec §C.1).
+"""ResNet-50 with last stride 1 and horizontal stripes: PPLR's original part backbone (PPLR
+``pplr/models/resnet_part.py``).
 
 The network is torchvision's ResNet-50. The stride of ``layer4[0].conv2`` and of its downsample conv is set
 to 1, so a 384×128 input gives a 2048×24×8 layer-4 map (instead of 12×4). The global feature is the global
@@ -20,8 +21,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from partreid.common.errors import InputError
 from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.errors import InputError
+from partreid.common.models.checkpoint import read_checkpoint
 
 __all__ = ["ResNetStripes", "IMAGENET_MEAN", "IMAGENET_STD", "RESNET50_V1_URL", "load_torchvision_state_dict"]
 
@@ -44,11 +46,7 @@ def load_torchvision_state_dict(path: Union[str, os.PathLike]) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: ResNet-50 weights file not found; {_HOW_TO_GET}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad input file
-        raise InputError(f"{p}: cannot read as a torch checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) \
-            from exc
+    obj = read_checkpoint(p, weights_only=True, what="ResNet-50 weights file")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -86,7 +84,7 @@ class ResNetStripes(nn.Module):
         InputError: bad ``weights`` (not a local file, unreadable, wrong keys/shapes), ``num_parts`` < 1,
             ``last_stride`` not 1 or 2.
 
-    Source: reference-spec §C.1 (PPLR/pplr/models/resnet_part.py).
+    Source: PPLR ``pplr/models/resnet_part.py`` ``ResNetPart``.
     """
 
     arch = "resnet50"

@@ -1,19 +1,21 @@
-"""Part-aware Vision Transformer of PASS (reference-spec §A.1, §A.2, §A.9, §B.1), built from timm blocks.
+"""Part-aware Vision Transformer of PASS (PASS ``vision_transformer.py``
+``VisionTransformer``; the downstream PASS-reID ``TR/model/backbones/vit_pytorch.py``), built from timm blocks.
 
 The backbone is a plain ViT/16 (timm ``PatchEmbed`` + ``Block``; attention is timm's) with one [CLS] token and
 P = 3 learnable [PART] tokens. Every special token has its own learnable position vector; the patch positions
 are one table laid out as the 16×8 grid of a 256×128 input, resized bicubically to the grid of whatever input
-arrives (§A.2).
+arrives (PASS ``vision_transformer.py`` ``interpolate_pos_encoding``).
 
-Token routing (§A.1):
+Token routing (PASS ``vision_transformer.py`` ``VisionTransformer``):
 
 * global view: ``[CLS, PART1, PART2, PART3, patches…]`` → the 4 special-token outputs after the final LayerNorm;
 * local crop of band k (0-based here): ``[CLS, PART_{k+1}, patches…]`` → 2 outputs.
 
-Parameter names are exactly the official PASS backbone layout (§A.9): ``patch_embed.proj.*``, ``cls_token``,
-``part_token1..3``, ``cls_pos``, ``part1_pos..part3_pos``, ``pos_embed`` (1, 128, D), ``blocks.*``, ``norm.*``,
-so released PASS checkpoints (``pass_vit_small_full.pth``, ``pass_vit_base_full.pth``) load unchanged, and a
-backbone written by :func:`save_backbone` can be read by the official loaders.
+Parameter names are exactly the official PASS backbone layout (PASS ``convert_model_dino.py``):
+``patch_embed.proj.*``, ``cls_token``, ``part_token1..3``, ``cls_pos``, ``part1_pos..part3_pos``, ``pos_embed`` (1,
+128, D), ``blocks.*``, ``norm.*``, so released PASS checkpoints (``pass_vit_small_full.pth``,
+``pass_vit_base_full.pth``) load unchanged, and a backbone written by :func:`save_backbone` can be read by the
+official loaders.
 """
 
 from __future__ import annotations
@@ -28,22 +30,18 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
+from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
-from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
+from partreid.common.models.archs import ARCHS, VIT_ARCHS
+from partreid.common.models.checkpoint import read_checkpoint
 
 
-#: width D and number of attention heads per size (§A.1; ``vit_tiny`` is the DeiT-Ti size for CPU demos).
-VIT_ARCHS: Dict[str, Dict[str, int]] = {
-    "vit_tiny": {"embed_dim": 192, "num_heads": 3},
-    "vit_small": {"embed_dim": 384, "num_heads": 6},
-    "vit_base": {"embed_dim": 768, "num_heads": 12},
-}
-
-#: key fragments the official downstream loaders drop from a checkpoint (§A.9): heads, distillation token, …
+#: key fragments the official downstream loaders drop from a checkpoint (PASS ``convert_model_dino.py``): heads,
+#: distillation token, …
 _SKIP_FRAGMENTS = ("head", "dist", "pre_logits", "fc.", "classifier", "bottleneck")
 
 #: name of the metadata entry :func:`save_backbone` adds next to the tensors.
@@ -52,14 +50,15 @@ META_KEY = "meta"
 
 def resize_pos_grid(table: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int],
                     mode: str = "bicubic", pass_scale_quirk: bool = False) -> torch.Tensor:
-    """Resize a patch position table laid out row-major on ``src_grid`` to ``dst_grid`` (reference-spec §A.2).
+    """Resize a patch position table laid out row-major on ``src_grid`` to ``dst_grid`` (PASS
+    ``vision_transformer.py`` ``interpolate_pos_encoding``).
 
     Args:
         table: (1, h0·w0, D) float tensor, row-major over the (h0, w0) grid of patches.
         src_grid: (h0, w0) grid of ``table``.
         dst_grid: (h, w) wanted grid (patches along height, width).
         mode: ``'bicubic'`` (PASS pre-training, every forward) or ``'bilinear'`` (TransReID-style resize of a
-            loaded table, §B.1).
+            loaded table, PASS-reID ``TR/model/backbones/vit_pytorch.py`` ``resize_pos_embed``).
         pass_scale_quirk: reproduce PASS/DINO's "+0.1" trick: interpolate with scale factors
             ((h+0.1)/h0, (w+0.1)/w0) *used for the coordinate mapping* (as torch 1.8 did), which shifts positions
             by a fraction of a cell and makes even a same-size resize a slight resample. ``False`` (default)
@@ -88,10 +87,11 @@ def resize_pos_grid(table: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tu
 
 
 class PartViT(nn.Module):
-    """ViT/16 with one [CLS] and ``num_parts`` [PART] tokens (PASS, reference-spec §A.1–§A.2).
+    """ViT/16 with one [CLS] and ``num_parts`` [PART] tokens (PASS ``vision_transformer.py``
+    ``VisionTransformer`` and ``interpolate_pos_encoding``).
 
     Args:
-        arch: size name in :data:`VIT_ARCHS` (``vit_tiny`` D=192/3 heads, ``vit_small`` 384/6, ``vit_base``
+        arch: size name in :data:`partreid.common.models.archs.VIT_ARCHS` (``vit_tiny`` D=192/3 heads, ``vit_small`` 384/6, ``vit_base``
             768/12). ``embed_dim``/``num_heads`` override it.
         depth: number of transformer blocks (12 in the paper; smaller values for tests).
         image_size: default input (H, W) in pixels; the position table ``pos_embed`` has the grid
@@ -109,8 +109,9 @@ class PartViT(nn.Module):
         arch (str), depth (int), num_heads (int).
 
     Inputs are float tensors (B, 3, H, W) with H and W multiples of ``patch_size``; outputs follow the input dtype
-    policy of autocast. Initialisation (§A.1): tokens, ``pos_embed`` and part positions trunc-normal std 0.02,
-    ``cls_pos`` zero, Linear trunc-normal std 0.02 with zero bias, LayerNorm weight 1 / bias 0.
+    policy of autocast. Initialisation (PASS ``vision_transformer.py`` ``VisionTransformer``): tokens, ``pos_embed``
+    and part positions trunc-normal std 0.02, ``cls_pos`` zero, Linear trunc-normal std 0.02 with zero bias, LayerNorm
+    weight 1 / bias 0.
     """
 
     def __init__(self, arch: str = "vit_small", *, embed_dim: Optional[int] = None, depth: int = 12,
@@ -121,7 +122,7 @@ class PartViT(nn.Module):
         super().__init__()
         if arch not in VIT_ARCHS and (embed_dim is None or num_heads is None):
             raise InputError(f"unknown ViT arch {arch!r}; choose one of {', '.join(VIT_ARCHS)}")
-        spec = VIT_ARCHS.get(arch, {})
+        spec = ARCHS.get(arch, {})
         self.arch = arch
         self.embed_dim = int(embed_dim if embed_dim is not None else spec["embed_dim"])
         self.num_heads = int(num_heads if num_heads is not None else spec["num_heads"])
@@ -159,7 +160,7 @@ class PartViT(nn.Module):
         for k in range(1, self.num_parts + 1):
             trunc_normal_(getattr(self, f"part_token{k}"), std=0.02)
             trunc_normal_(getattr(self, f"part{k}_pos"), std=0.02)
-        # cls_pos stays zero (§A.1)
+        # cls_pos stays zero (PASS ``vision_transformer.py`` ``VisionTransformer``)
         self.apply(self._init_module)
 
     @staticmethod
@@ -182,17 +183,17 @@ class PartViT(nn.Module):
         return getattr(self, f"part{k}_pos")
 
     def set_drop_path(self, rate: float) -> None:
-        """Stochastic depth after construction (e.g. 0.3 for PASS's USL fine-tuning, §B.2): block i gets
-        ``rate·i/(depth-1)``, as at construction. Uses timm's ``DropPath``."""
-        from timm.layers import DropPath
-
+        """Stochastic depth after construction (e.g. 0.3 for PASS's USL fine-tuning, PASS-reID
+        ``CC-PASS/examples/cluster_contrast_train_usl.py``): block i gets ``rate·i/(depth-1)``, as at construction.
+        Uses timm's ``DropPath``."""
         self.drop_path_rate = float(rate)
         for r, block in zip(torch.linspace(0, rate, self.depth).tolist(), self.blocks):
             block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
             block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
 
     def grid_pos(self, grid: Tuple[int, int]) -> torch.Tensor:
-        """Patch position table resized (bicubic, §A.2) to ``grid`` = (H/patch, W/patch); (1, h·w, D)."""
+        """Patch position table resized (bicubic, PASS ``vision_transformer.py`` ``interpolate_pos_encoding``) to
+        ``grid`` = (H/patch, W/patch); (1, h·w, D)."""
         return resize_pos_grid(self.pos_embed, self.grid, grid, mode="bicubic",
                                pass_scale_quirk=self.pass_scale_quirk)
 
@@ -215,11 +216,13 @@ class PartViT(nn.Module):
         return self.norm(seq[:, :len(special)])
 
     def forward_global_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-view routing ``[CLS, PART1..P, patches]`` (§A.1). x: (B, 3, H, W) → (B, 1+P, D)."""
+        """Global-view routing ``[CLS, PART1..P, patches]`` (PASS ``vision_transformer.py`` ``VisionTransformer``). x:
+        (B, 3, H, W) → (B, 1+P, D)."""
         return self._encode(x, range(1, self.num_parts + 1))
 
     def forward_band(self, x: torch.Tensor, band: int) -> torch.Tensor:
-        """Local-crop routing for band ``band`` (0-based): ``[CLS, PART_{band+1}, patches]`` (§A.1).
+        """Local-crop routing for band ``band`` (0-based): ``[CLS, PART_{band+1}, patches]`` (PASS
+        ``vision_transformer.py`` ``VisionTransformer``).
 
         x: (B, 3, h, w) → (B, 2, D) = (CLS output, PART_{band+1} output). Raises InputError for a bad band.
         """
@@ -283,7 +286,7 @@ def _strip_prefixes(key: str) -> str:
 
 
 def unwrap_backbone_state(obj: Any) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any], List[str]]:
-    """Find the backbone tensors in a loaded checkpoint object (reference-spec §A.9).
+    """Find the backbone tensors in a loaded checkpoint object (PASS ``convert_model_dino.py``).
 
     Accepts a flat state dict (official PASS layout or timm ViT, optionally with ``module.``/``backbone.``
     prefixes), a dict wrapping one under ``model``/``state_dict``, a DINO/PASS training checkpoint with a
@@ -348,7 +351,7 @@ def _infer_grid(n: int, meta: Mapping[str, Any], model_grid: Tuple[int, int]) ->
     if side:  # square table, e.g. an ImageNet timm ViT (14×14 at 224)
         return side, side
     side = _square(2 * n)
-    if side and side % 2 == 0:  # PASS / TransReID layout with height:width = 2 (hw_ratio 2, §B.1)
+    if side and side % 2 == 0:  # PASS / TransReID layout with height:width = 2 (hw_ratio 2, TransReID ``load_param``)
         return side, side // 2
     raise InputError(f"cannot tell the grid of a position table with {n} entries (neither square nor 2:1)")
 
@@ -379,14 +382,15 @@ def _short_list(items: Sequence[str], limit: int = 6) -> str:
 
 def load_vit_weights(model: PartViT, checkpoint: Any, *, pos_interp: str = "bilinear") -> LoadReport:
     """Load ViT weights into ``model`` from an official PASS backbone, a PASS/DINO training checkpoint, a timm ViT
-    state dict, or our own export (reference-spec §A.9, §B.1).
+    state dict, or our own export (PASS ``convert_model_dino.py``; PASS-reID
+    ``TR/model/backbones/vit_pytorch.py`` ``load_param``).
 
     Args:
         model: the :class:`PartViT` to fill (its shape decides what must be present).
         checkpoint: the object returned by ``torch.load`` (see :func:`unwrap_backbone_state` for the accepted
             wrappings), or a path to such a file.
         pos_interp: interpolation for a checkpoint position table whose grid differs from the model's
-            (``'bilinear'``, as TransReID's ``resize_pos_embed`` does when fine-tuning at 384×128, §B.1;
+            (``'bilinear'``, as TransReID's ``resize_pos_embed`` does when fine-tuning at 384×128;
             ``'bicubic'`` also accepted). Special-token positions are copied unchanged.
 
     Returns:
@@ -428,17 +432,6 @@ def load_vit_weights(model: PartViT, checkpoint: Any, *, pos_interp: str = "bili
     return report
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
-    """``torch.load`` a checkpoint on the CPU; raises InputError (one line) when it is absent or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})".replace("\n", " "))
-
-
 def detect_vit_arch(state_dict: Any) -> str:
     """Size name (``vit_tiny``/``vit_small``/``vit_base``) of ViT weights, from the width of ``cls_token``.
 
@@ -455,10 +448,10 @@ def vit_geometry(state_dict: Any) -> Dict[str, Any]:
     """
     sd, fmt, meta, _ = unwrap_backbone_state(state_dict)
     width = int(sd["cls_token"].shape[-1])
-    arch = next((name for name, spec in VIT_ARCHS.items() if spec["embed_dim"] == width), None)
+    arch = next((name for name in VIT_ARCHS if ARCHS[name]["embed_dim"] == width), None)
     if arch is None:
         raise InputError(f"ViT width {width} matches none of "
-                         + ", ".join(f"{k} (D={v['embed_dim']})" for k, v in VIT_ARCHS.items()))
+                         + ", ".join(f"{k} (D={ARCHS[k]['embed_dim']})" for k in VIT_ARCHS))
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     num_parts = sum(1 for k in sd if k.startswith("part_token"))
     return {"arch": arch, "embed_dim": width, "depth": depth, "num_parts": num_parts, "format": fmt, "meta": meta}
@@ -470,7 +463,7 @@ def load_part_vit(checkpoint: Any, *, image_size: Optional[Tuple[int, int]] = No
 
     Arch and depth come from the tensor shapes; image size and pixel mean/std from our metadata when present
     (else 256×128 and ImageNet statistics). ``image_size`` overrides the input size (the position table is
-    then resized with ``pos_interp``, §B.1); other ``kwargs`` go to :class:`PartViT`.
+    then resized with ``pos_interp``, as TransReID ``resize_pos_embed``); other ``kwargs`` go to :class:`PartViT`.
 
     Returns (model, report). Raises InputError as :func:`load_vit_weights`.
     """
@@ -492,15 +485,16 @@ def load_part_vit(checkpoint: Any, *, image_size: Optional[Tuple[int, int]] = No
 
 
 def backbone_state_dict(model: PartViT) -> Dict[str, torch.Tensor]:
-    """The backbone's tensors in the official PASS key layout (§A.9), detached, on the CPU, float32."""
+    """The backbone's tensors in the official PASS key layout (PASS ``convert_model_dino.py``), detached, on the CPU,
+    float32."""
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
 
 
 def save_backbone(model_or_state: Union[PartViT, Mapping[str, torch.Tensor]], out: Union[str, os.PathLike],
                   meta: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write a backbone file atomically: a flat dict in the official PASS key layout (§A.9) plus one
-    :data:`META_KEY` entry (arch, image_size, patch_size, pixel_mean/std, …) that our loader reads and official
-    loaders do not use.
+    """Write a backbone file atomically: a flat dict in the official PASS key layout (PASS ``convert_model_dino.py``)
+    plus one :data:`META_KEY` entry (arch, image_size, patch_size, pixel_mean/std, …) that our loader reads and
+    official loaders do not use.
 
     Args:
         model_or_state: a :class:`PartViT` or its state dict (official key names).

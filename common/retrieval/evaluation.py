@@ -1,14 +1,16 @@
-"""Re-ID retrieval evaluation: mAP, CMC and mINP with bounded memory (reference-spec §E, §C.6, §B.1).
+"""Re-ID retrieval evaluation: mAP, CMC and mINP with bounded memory (open-reid ``evaluation_metrics/ranking.py``
+``mean_ap``/``cmc`` as in PPLR ``pplr/evaluators.py``; TransReID ``utils/metrics.py`` ``eval_func``).
 
-The peers (open-reid style, spec §E.1; TransReID style, spec §E.2) build the full Q×G float32 distance matrix
-and an int64 ``argsort`` of every row, which needs 12–16 GB of RAM at MSMT17 size (spec §E.3). Here the
-distances are produced and consumed in chunks of query rows (:func:`distance_chunks`), and no row is fully
-sorted: for each query only its positives are sorted, and the valid negatives ranked before each positive are
-counted with a binary search (:func:`evaluate_distances`). The numbers are those of the straightforward
-definition below, exactly (integer ranks; only the final averaging is floating point).
+The peers (open-reid style, open-reid ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``; TransReID style,
+TransReID ``utils/metrics.py`` ``eval_func``) build the full Q×G float32 distance matrix and an int64 ``argsort`` of
+every row, which needs 12–16 GB of RAM at MSMT17 size (3.8 GB of float32 distances, 7.7 GB of int64 indices, the
+match matrix). Here the distances are produced and consumed in chunks of query rows (:func:`distance_chunks`), and no
+row is fully sorted: for each query only its positives are sorted, and the valid negatives ranked before each positive
+are counted with a binary search (:func:`evaluate_distances`). The numbers are those of the straightforward definition
+below, exactly (integer ranks; only the final averaging is floating point).
 
-Definitions (Market protocol, spec §E.1/§E.2)
----------------------------------------------
+Definitions (Market protocol: open-reid ``mean_ap``/``cmc``, TransReID ``eval_func``)
+-------------------------------------------------------------------------------------
 For a query with pid ``p`` and camid ``c``:
 
 * **ranking**: the gallery sorted by distance with a *stable* sort, i.e. ties are broken by gallery index
@@ -17,12 +19,14 @@ For a query with pid ``p`` and camid ``c``:
   their order is unspecified; on untied distances the two coincide.
 * **junk** (removed from the ranked list): gallery entries with the same pid AND the same camid as the query.
   Everything else stays, including distractors (pid 0) as negatives. Pids are only compared for equality;
-  Market junk images (pid −1) are expected to have been dropped by the loader (spec §E.1).
+  Market junk images (pid −1) are expected to have been dropped by the loader (open-reid
+  ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``).
 * **positives**: the remaining entries with pid ``p``. A query without any positive is skipped and only
   counted (``num_query − num_valid_query``).
 * **AP** (non-interpolated, TransReID ``eval_func`` style): the mean over the positives of the precision at
   the rank of each positive, ``mean_j (j+1)/(r_j+1)`` with ``r_j`` the 0-based rank of the ``j``-th positive
-  in the junk-free list. Without ties this equals the open-reid/scikit-learn AP of spec §E.1.
+  in the junk-free list. Without ties this equals the open-reid/scikit-learn AP of open-reid
+  ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``.
 * **CMC** (``first_match_break``): ``cmc[k]`` = fraction of valid queries whose first positive is at 0-based
   rank ≤ ``k``; ``rank1``/``rank5``/``rank10``/``rank20`` are ``cmc[0]``/``cmc[4]``/``cmc[9]``/``cmc[19]``.
 * **mINP** (Ye et al. 2021, TransReID ``eval_func``): mean over valid queries of
@@ -54,11 +58,13 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
+from partreid.common.retrieval.search import l2_normalize_rows
 
 __all__ = [
     "distance_chunks",
     "evaluate_distances",
     "evaluate_features",
+    "evaluate_rank",
     "topk_per_query",
     "default_chunk_size",
 ]
@@ -68,8 +74,10 @@ CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def default_chunk_size(num_gallery: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Query rows per chunk so that one float32 (rows × ``num_gallery``) block takes about ``chunk_bytes``."""
-    return max(1, int(chunk_bytes) // (4 * max(1, int(num_gallery))))
+    """Query rows per chunk so that one float32 (rows × ``num_gallery``) block takes about ``chunk_bytes``
+    (a multiple of :data:`TILE_ROWS`, at least one tile)."""
+    rows = int(chunk_bytes) // (4 * max(1, int(num_gallery)))
+    return max(TILE_ROWS, rows - rows % TILE_ROWS)
 
 
 # ----------------------------------------------------------------------------------------------- distances
@@ -93,7 +101,8 @@ def _as_features(x, name: str) -> np.ndarray:
 
 def distance_chunks(qf, gf, metric: str = "euclidean",
                     chunk_size: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
-    """Query-vs-gallery distances, one block of query rows at a time (spec §E.1, §E.2, §B.1).
+    """Query-vs-gallery distances, one block of query rows at a time (the distances of TransReID
+    ``utils/metrics.py`` ``euclidean_distance`` / ``R1_mAP_eval``).
 
     Args:
         qf: query features, float32 (Q, D) (numpy array or CPU tensor; other real dtypes are cast to float32).
@@ -106,7 +115,7 @@ def distance_chunks(qf, gf, metric: str = "euclidean",
 
     Yields:
         ``(q_start, dist)`` with ``dist`` a fresh float32 (c, G) array for queries ``q_start … q_start+c−1``,
-        in query order. The product runs in torch (multi-threaded BLAS); peak extra memory is one block.
+        in query order. The product is one float32 BLAS call per block; peak extra memory is two blocks.
 
     Raises:
         InputError: not 2-D, empty, different widths, NaN/inf features, unknown metric, chunk_size < 1.
@@ -117,8 +126,6 @@ def distance_chunks(qf, gf, metric: str = "euclidean",
 
 def _checked_distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: Optional[int]):
     """:func:`distance_chunks` on features already validated by :func:`_as_features`."""
-    import torch
-
     if metric not in ("euclidean", "cosine"):
         raise InputError(f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
     if q.shape[1] != g.shape[1]:
@@ -127,31 +134,49 @@ def _checked_distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size
         chunk_size = default_chunk_size(g.shape[0])
     if int(chunk_size) < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk_size = int(chunk_size)
-    return _distance_iter(torch, q, g, metric, chunk_size)
+    return _distance_iter(q, g, metric, int(chunk_size))
 
 
-def _distance_iter(torch, q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
-    # inputs come from numpy (no autograd graph), so no torch.no_grad() here: a grad-mode context left open
-    # across ``yield`` would leak into the consumer's code
-    tq = torch.from_numpy(q)
-    tg = torch.from_numpy(g)
+#: query rows per BLAS call. A row's distances are always computed in the same tile of ``TILE_ROWS`` rows
+#: (tiles start at multiples of ``TILE_ROWS``; the last one is zero-padded), because BLAS rounds a row
+#: differently depending on the matrix shape and the row's place in it: this keeps the values, and so the
+#: rankings of near-tied entries, independent of ``chunk_size``. 256 rows run at the speed of one large product.
+TILE_ROWS = 256
+
+
+def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
+    # float32 throughout, one sgemm per tile (numpy's multi-threaded BLAS). Euclidean entries are
+    # fl((‖q‖² + ‖g‖²) + (−2)·q·g), the rounding of the peers' ``addmm_`` (the factor −2 is exact)
     if metric == "cosine":
-        tq = torch.nn.functional.normalize(tq, dim=1)
-        tg = torch.nn.functional.normalize(tg, dim=1)
+        q = l2_normalize_rows(q, tol=0.0)
+        g = l2_normalize_rows(g, tol=0.0)
     else:
-        qn = torch.pow(tq, 2).sum(dim=1)
-        gn = torch.pow(tg, 2).sum(dim=1)
-    gt = tg.t()
-    for start in range(0, q.shape[0], chunk_size):
-        stop = min(start + chunk_size, q.shape[0])
+        qn = np.einsum("ij,ij->i", q, q)
+        gn = np.einsum("ij,ij->i", g, g)
+    gt = g.T
+    nq = q.shape[0]
+    cached = (None, None)  # (tile start, tile product): a chunk boundary inside a tile computes it once
+    for start in range(0, nq, chunk_size):
+        stop = min(start + chunk_size, nq)
+        out = np.empty((stop - start, g.shape[0]), np.float32)
+        for t0 in range(start - start % TILE_ROWS, stop, TILE_ROWS):
+            t1 = t0 + TILE_ROWS
+            a, b = max(t0, start), min(t1, stop)
+            if t0 >= start and t1 <= stop:
+                np.matmul(q[t0:t1], gt, out=out[t0 - start:t1 - start])
+                continue
+            if cached[0] != t0:
+                tile = q[t0:min(t1, nq)]
+                if tile.shape[0] < TILE_ROWS:
+                    tile = np.concatenate([tile, np.zeros((TILE_ROWS - tile.shape[0], q.shape[1]), np.float32)])
+                cached = (t0, tile @ gt)
+            out[a - start:b - start] = cached[1][a - t0:b - t0]
         if metric == "cosine":
-            out = torch.ones((stop - start, g.shape[0]), dtype=torch.float32)
-            out.addmm_(tq[start:stop], gt, beta=1, alpha=-1)
+            np.subtract(np.float32(1.0), out, out=out)
         else:
-            out = qn[start:stop, None] + gn[None, :]
-            out.addmm_(tq[start:stop], gt, beta=1, alpha=-2)
-        yield start, out.numpy()
+            out *= np.float32(-2.0)
+            out += qn[start:stop, None] + gn[None, :]
+        yield start, out
 
 
 # ---------------------------------------------------------------------------------------------- rankings
@@ -255,7 +280,7 @@ class _GalleryIndex:
 def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_camids, g_pids, g_camids, *,
                        max_rank: int = 50, protocol: str = "market", sgs_repeats: int = 10,
                        seed: int = 0) -> Dict[str, object]:
-    """mAP, CMC and mINP from a stream of query-row distance blocks (reference-spec §E; module docstring).
+    """mAP, CMC and mINP from a stream of query-row distance blocks (see the module docstring).
 
     Args:
         dist_chunks: iterable of ``(q_start, dist)``, ``dist`` (c, G) float32 (other dtypes are cast to
@@ -380,20 +405,21 @@ def evaluate_distances(dist_chunks: Iterable[Tuple[int, np.ndarray]], q_pids, q_
 
 
 def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str = "euclidean",
-                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                       chunk_size: Optional[int] = None, protocol: str = "market", max_rank: int = 50,
                       sgs_repeats: int = 10, seed: int = 0) -> Dict[str, object]:
-    """Evaluate query features against gallery features (reference-spec §E; §B.1 "Retrieval feature").
+    """Evaluate query features against gallery features (open-reid ``evaluation_metrics/ranking.py``,
+    TransReID ``utils/metrics.py`` ``R1_mAP_eval``).
 
     Args:
         qf: float32 (Q, D) query features; gf: float32 (G, D) gallery features. The caller L2-normalises them
-            when the recipe says so (spec §B.1, §C.6); this function does not.
+            when the recipe says so (TransReID ``FEAT_NORM``, PPLR ``pplr/evaluators.py``); this function does not.
         q_pids, q_camids, g_pids, g_camids: int label arrays, (Q,) and (G,).
         metric: ``'euclidean'`` (squared, the peers' convention) or ``'cosine'``; see :func:`distance_chunks`.
-        rerank: use k-reciprocal re-ranking (Zhong et al. 2017; k1, k2, lambda_value as in spec §E.2:
-            20, 6, 0.3) via ``partreid.common.retrieval.reranking.reranked_distance_chunks`` instead of the plain distance.
         chunk_size: query rows per distance block (memory bound); default :func:`default_chunk_size`.
         protocol, max_rank, sgs_repeats, seed: see :func:`evaluate_distances`.
+
+    Re-ranking: pass the blocks of ``partreid.common.retrieval.reranking.reranked_distance_chunks`` to
+    :func:`evaluate_distances` (or to :func:`evaluate_rank` as ``distmat``); this module does not depend on it.
 
     Returns:
         The dict of :func:`evaluate_distances`.
@@ -409,15 +435,64 @@ def evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, *, metric: str
         raise InputError(f"{q.shape[0]} query features but {len(qp)} query labels")
     if len(gp) != g.shape[0]:
         raise InputError(f"{g.shape[0]} gallery features but {len(gp)} gallery labels")
-    if rerank:
-        if metric != "euclidean":
-            raise InputError("re-ranking uses the squared Euclidean distance; use metric='euclidean'")
-        from partreid.common.retrieval.reranking import reranked_distance_chunks
-        chunks = reranked_distance_chunks(q, g, k1, k2, lambda_value, chunk_size)
+    return evaluate_distances(_checked_distance_iter(q, g, metric, chunk_size), qp, qc, gp, gc, max_rank=max_rank,
+                              protocol=protocol, sgs_repeats=sgs_repeats, seed=seed)
+
+
+def evaluate_rank(distmat=None, q_pids=None, g_pids=None, q_camids=None, g_camids=None, *, qf=None, gf=None,
+                  metric: str = "euclidean", protocol: str = "market", max_rank: int = 50,
+                  chunk_size: Optional[int] = None) -> Dict[str, object]:
+    """mAP, CMC and mINP of a retrieval on arrays: a distance matrix, or query and gallery features.
+
+    The labels come in torchreid's ``metrics.evaluate_rank`` order (query pids, gallery pids, query camids,
+    gallery camids). The numbers are those of the open-reid / TransReID evaluators (open-reid
+    ``evaluation_metrics/ranking.py`` ``mean_ap``/``cmc``, TransReID ``utils/metrics.py`` ``eval_func``), see the
+    module docstring; ``evaluate --query --gallery`` and every ``finetune`` evaluation call this function.
+
+    Args:
+        distmat: float (Q, G) distances, smaller = closer, or an iterable of ``(q_start, (c, G) block)`` covering
+            the queries in order (e.g. ``partreid.common.retrieval.reranking.reranked_distance_chunks`` for
+            k-reciprocal re-ranking); or None and give ``qf`` and ``gf``.
+        q_pids, g_pids: int (Q,) and (G,) person ids (gallery pid 0 = distractor, a negative).
+        q_camids, g_camids: int (Q,) and (G,) camera ids.
+        qf, gf: float32 (Q, D) and (G, D) features, used when ``distmat`` is None; compared with ``metric``
+            (``'euclidean'``: squared Euclidean, ``'cosine'``) one block of queries at a time, so a Q×G matrix
+            is never held. Normalise them first when the recipe says so (``extract-features`` does).
+        protocol: ``'market'`` or ``'cuhk03'`` (single-gallery-shot CMC).
+        max_rank: length of the CMC curve. chunk_size: query rows per distance block.
+
+    Returns:
+        dict: ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``rank20``, ``mINP`` (floats, fractions in [0, 1]),
+        ``cmc`` (list of ``max_rank`` floats: ``cmc[k]`` = fraction of valid queries with a positive within the
+        top k+1), ``num_query``, ``num_valid_query`` (queries with a positive in another camera),
+        ``num_gallery`` (ints). JSON-serialisable.
+
+    Raises:
+        InputError: neither or both of ``distmat`` and features, shapes or lengths that disagree, NaN values,
+            or no query with a positive in the gallery.
+    """
+    if (distmat is None) == (qf is None or gf is None):
+        raise InputError("give either distmat, or both qf and gf")
+    if any(x is None for x in (q_pids, g_pids, q_camids, g_camids)):
+        raise InputError("q_pids, g_pids, q_camids and g_camids are all required")
+    if distmat is not None:
+        if hasattr(distmat, "detach"):
+            distmat = distmat.detach().cpu().numpy()
+        if isinstance(distmat, np.ndarray) or isinstance(distmat, (list, tuple)) and distmat \
+                and not isinstance(distmat[0], tuple):
+            d = np.asarray(distmat)
+            if d.ndim != 2:
+                raise InputError(f"distmat must be 2-D (Q, G), got shape {d.shape}")
+            distmat = [(0, d)]
+        metrics = evaluate_distances(distmat, q_pids, q_camids, g_pids, g_camids, max_rank=max_rank,
+                                     protocol=protocol)
     else:
-        chunks = _checked_distance_iter(q, g, metric, chunk_size)
-    return evaluate_distances(chunks, qp, qc, gp, gc, max_rank=max_rank, protocol=protocol,
-                              sgs_repeats=sgs_repeats, seed=seed)
+        metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric,
+                                    chunk_size=chunk_size, protocol=protocol, max_rank=max_rank)
+    out: Dict[str, object] = {k: float(metrics[k]) for k in ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")}
+    out["cmc"] = [float(v) for v in metrics["cmc"]]
+    out.update({k: int(metrics[k]) for k in ("num_query", "num_valid_query", "num_gallery")})
+    return out
 
 
 def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_pids=None, q_camids=None,
@@ -429,7 +504,8 @@ def topk_per_query(dist_chunks: Iterable[Tuple[int, np.ndarray]], k: int, *, q_p
             :func:`distance_chunks`); the number of queries is the sum of the block heights.
         k: entries per query (≥ 1).
         q_pids, q_camids, g_pids, g_camids: optional int labels. When all four are given, junk entries
-            (same pid AND same camid as the query; Market protocol, spec §E.1) are left out of the list.
+            (same pid AND same camid as the query; Market protocol, open-reid ``evaluation_metrics/ranking.py``
+            ``mean_ap``/``cmc``) are left out of the list.
 
     Returns:
         ``(idx, dist)``: int64 (Q, k) gallery indices and float32 (Q, k) distances, ordered by the stable

@@ -1,28 +1,32 @@
-"""k-reciprocal re-ranking for retrieval evaluation (Zhong et al., CVPR 2017; reference-spec §E.2).
+"""k-reciprocal re-ranking for retrieval evaluation (Zhong et al., "Re-ranking Person Re-identification with
+k-reciprocal Encoding", CVPR 2017, Eqs. 4-12).
 
-The peers' ``re_ranking`` (TransReID ``utils/reranking.py``, inherited by PASS's TR/) concatenates query and
-gallery, builds the full (Q+G)×(Q+G) distance matrix, and then dense V, V_qe and Jaccard matrices of the same
-size in Python loops. This module computes exactly the same final query×gallery distances from the sparse
-k-reciprocal machinery of :mod:`partreid.common.retrieval.kreciprocal`, streaming the Q×G result in query chunks; no (Q+G)×(Q+G)
-buffer is ever allocated.
+Upstream: TransReID ``utils/reranking.py`` ``re_ranking`` (inherited by PASS), evaluated with k1 = 20, k2 = 6,
+λ = 0.3. It concatenates query and gallery, builds the full (Q+G)×(Q+G) distance matrix, and then dense V,
+V_qe and Jaccard matrices of the same size in Python loops. This module computes the same final query×gallery
+distances from the sparse k-reciprocal machinery of :mod:`partreid.common.retrieval.kreciprocal`, streaming
+the Q×G result in query chunks; no (Q+G)×(Q+G) buffer is ever allocated. The min-sums are the same compiled
+kernel as clustering's (:func:`partreid.common.retrieval.kreciprocal.min_sum_row`).
 
 Steps, with all = [query; gallery] (N = Q + G rows):
 
 1. d(i, j) = ‖x_i‖² + ‖x_j‖² − 2·x_i·x_j (squared Euclidean), and d̂(i, j) = d(i, j) / max_j' d(i, j'): each
-   row divided by its maximum over query + gallery (the original divides column-wise and transposes, which is
+   row divided by its maximum over query + gallery (upstream divides column-wise and transposes, which is
    the same on a symmetric matrix);
-2. the rank table is the ascending order of each row (self first): the **textbook** convention,
-   k1 + 1 forward entries including self, round(k1/2) + 1 for the half sets (:mod:`partreid.common.retrieval.kreciprocal`);
-3. expanded k-reciprocal sets E(i) as in §D.1 step 3; V[i, j] = exp(−d̂(i, j)) / Σ_{j'∈E(i)} exp(−d̂(i, j'));
-4. V_qe[i] = mean of V over the rows of the k2 nearest neighbours of i (self included);
-5. for query i and gallery j: m = Σ_k min(V_qe[i,k], V_qe[j,k]) over all N columns, jaccard = 1 − m/(2 − m),
-   final = (1 − λ)·jaccard + λ·d̂(i, j). Not clipped, as in the original.
+2. the rank table is the ascending order of each row (self first): the **textbook** convention, k1 + 1
+   forward entries including self, round(k1/2) + 1 for the half sets
+   (:func:`partreid.common.retrieval.kreciprocal.neighbour_counts`);
+3. expanded k-reciprocal sets E(i) (Eqs. 4-5); V[i, j] = exp(−d̂(i, j)) / Σ_{j'∈E(i)} exp(−d̂(i, j')) (Eq. 8,
+   normalised per row as upstream does);
+4. V_qe[i] = mean of V over the rows of the k2 nearest neighbours of i, self included (Eq. 11);
+5. for query i and gallery j: m = Σ_k min(V_qe[i,k], V_qe[j,k]) over all N columns, jaccard = 1 − m/(2 − m)
+   (Eq. 10), final = (1 − λ)·jaccard + λ·d̂(i, j) (Eq. 12). Not clipped, as upstream.
 
-Differences from the original, on purpose: V and the Jaccard distance are float32 (the original stores V,
-V_qe and the Jaccard matrix in float16), so values differ from it by float16 rounding (~1e-3) and agree with a
-float32 dense implementation to ~1e-6. The neighbour search is faiss's exact L2 search; ties between exactly
-equal distances are ordered deterministically (:mod:`partreid.common.retrieval.search`) where the original's ``np.argsort``
-leaves them unspecified.
+Differences from upstream, on purpose: V and the Jaccard distance are float32 (upstream stores V, V_qe and
+the Jaccard matrix in float16), so values differ from it by float16 rounding (~1e-3) and agree with a float32
+dense implementation to ~1e-6. The neighbour search is faiss's exact L2 search; ties between exactly equal
+distances are ordered deterministically (:mod:`partreid.common.retrieval.search`) where upstream's
+``np.argsort`` leaves them unspecified.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from partreid.common.errors import InputError
-from partreid.common.retrieval.kreciprocal import (InvertedIndex, encode, expanded_sets, local_query_expansion, lookup_pairs,
-                                min_sum_block, neighbour_counts, pair_dots, _check_knn, _row_ids)
+from partreid.common.retrieval.kreciprocal import (InvertedIndex, check_knn, encode, expanded_sets,
+                                                   local_query_expansion, min_sum_block, neighbour_counts,
+                                                   pattern_dots, row_ids)
 from partreid.common.retrieval.search import knn_search
 
 #: default cap on the float32 entries of one streamed (chunk, G) block
@@ -64,7 +69,8 @@ def _row_max_sqdist(x: np.ndarray, sq: np.ndarray, chunk: int = 8192) -> np.ndar
 def reranked_distance_chunks(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                              chunk_size: Optional[int] = None, *, device: str = "auto",
                              ) -> Iterator[Tuple[int, np.ndarray]]:
-    """Stream the k-reciprocal re-ranked query×gallery distance in query chunks (Zhong et al. 2017).
+    """Stream the k-reciprocal re-ranked query×gallery distance in query chunks (Zhong et al. 2017 Eq. 12;
+    TransReID ``utils/reranking.py`` ``re_ranking``).
 
     Args:
         qf: float32 (Q, D) query features; gf: float32 (G, D) gallery features (usually L2-normalised; the
@@ -111,28 +117,23 @@ def reranked_distance_chunks(qf, gf, k1: int = 20, k2: int = 6, lambda_value: fl
     search = {"device": device}
 
     # step 1-2: rank table (squared L2, ascending, self first) and the per-row normaliser
-    dist_tab, knn = knn_search(x, width, metric="l2", method="exact", **search)
-    knn = _check_knn(knn, n, width)
+    _, knn = knn_search(x, width, metric="l2", method="exact", **search)
+    knn = check_knn(knn, n, width)
     row_max = _row_max_sqdist(x, sq)
     row_max[row_max <= 0] = 1.0  # all points identical: d is 0 everywhere, any positive normaliser works
 
     # step 3: expanded sets and weights exp(-d̂) normalised per row
     e = expanded_sets(knn, n_forward, n_half)
-    rows = _row_ids(e.indptr)
-    cols = e.indices.astype(np.int64)
-    d_pairs, found = lookup_pairs(rows, cols, knn, dist_tab)
-    miss = np.flatnonzero(~found)
-    if miss.size:
-        dots = pair_dots(x, rows[miss], cols[miss])
-        d_pairs[miss] = np.maximum(sq[rows[miss]] + sq[cols[miss]] - np.float32(2) * dots, np.float32(0))
+    rows = row_ids(e.indptr)
+    d_pairs = np.maximum(sq[rows] + sq[e.indices] - np.float32(2) * pattern_dots(x, e), np.float32(0))
     v = encode(e, -(d_pairs / row_max[rows]).astype(np.float32))
-    del rows, cols, d_pairs, found, dist_tab, e
+    del rows, d_pairs, e
     # step 4
     vqe = local_query_expansion(v, knn, k2)
     del v, knn
     # step 5, streamed over query chunks
     inv = InvertedIndex(vqe)
-    slot_start = inv.first_slot_at_or_after_row(nq)
+    start = inv.first_slots(nq)
     if chunk_size is None:
         chunk_size = max(1, _BLOCK_ENTRIES // max(ng, 1))
     chunk_size = max(1, int(chunk_size))
@@ -140,7 +141,7 @@ def reranked_distance_chunks(qf, gf, k1: int = 20, k2: int = 6, lambda_value: fl
     gsq = sq[nq:]
     for q0 in range(0, nq, chunk_size):
         q1 = min(q0 + chunk_size, nq)
-        m = min_sum_block(inv, q0, q1, nq, n, slot_start=slot_start)
+        m = min_sum_block(inv, q0, q1, nq, start)
         jac = np.float32(1) - m / (np.float32(2) - m)
         d = sq[q0:q1, None] + gsq[None, :] - np.float32(2) * (qf[q0:q1] @ gf.T)
         np.maximum(d, np.float32(0), out=d)

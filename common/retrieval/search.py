@@ -1,8 +1,8 @@
 """Nearest-neighbour search with faiss (exact or approximate, CPU or GPU), in bounded memory.
 
-Every stage that needs neighbour lists (the k-reciprocal Jaccard distance of ``cluster``, PPLR's
-cross-agreement, re-ranking) goes through :func:`knn_search`, so the faiss version drift that breaks the
-peers' clustering code (reference-spec §G: ``bruteForceKnn``, ``cast_integer_to_*_ptr``) is handled in one
+Every stage that needs neighbour lists (the k-reciprocal Jaccard distance of ``cluster``, PPLR's cross-agreement,
+re-ranking) goes through :func:`knn_search`, so the faiss version drift that breaks the peers' clustering code (their
+``faiss_utils.py`` calls ``bruteForceKnn`` and ``cast_integer_to_*_ptr``, gone from recent faiss) is handled in one
 place. Only the stable public faiss API is used: ``IndexFlatIP`` / ``IndexFlatL2``, ``IndexHNSWFlat``,
 ``IndexIVFFlat`` and, when the installed faiss is a GPU build and a GPU is visible, ``index_cpu_to_gpu``.
 
@@ -22,7 +22,9 @@ import math
 import sys
 from typing import Optional, Tuple
 
+import faiss
 import numpy as np
+from tqdm import tqdm
 
 from partreid.common.errors import InputError
 
@@ -32,19 +34,39 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _faiss():
-    try:
-        import faiss  # noqa: WPS433 (imported lazily: the CLI starts faster without it)
-    except ImportError as exc:  # pragma: no cover - faiss is a hard dependency
-        raise InputError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12)") from exc
+    """The faiss module (for ``common/retrieval/kreciprocal.py``, which takes it from here)."""
     return faiss
 
 
 def faiss_gpu_available() -> bool:
     """True when the installed faiss is a GPU build and sees at least one GPU."""
-    faiss = _faiss()
     get = getattr(faiss, "get_num_gpus", None)
     return bool(get is not None and get() > 0 and hasattr(faiss, "StandardGpuResources")
                 and hasattr(faiss, "index_cpu_to_gpu"))
+
+
+def l2_normalize_rows(x, *, tol: float = 1e-4) -> np.ndarray:
+    """L2-normalise the rows of a feature matrix: the one normalisation of clustering, cross-agreement and
+    cosine evaluation.
+
+    Args:
+        x: (N, D) real array (float32 or any real dtype; a CPU torch tensor is accepted).
+        tol: when every row norm is already within ``tol`` of 1, ``x`` is returned unchanged (as float32), so
+            normalised features (``extract-features`` writes them) stay bit-identical. ``0`` always divides.
+
+    Returns:
+        float32 (N, D) C-contiguous array; each row divided by its L2 norm (computed in float64). An all-zero
+        row stays all zero (as ``torch.nn.functional.normalize`` leaves it): it is similar to nothing.
+
+    Raises:
+        InputError: not 2-D, or NaN/infinite values.
+    """
+    x = _as_float32_matrix(x, "features")
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    if x.shape[0] and np.abs(norms - 1.0).max() <= tol:
+        return x
+    norms[norms == 0] = 1.0
+    return (x / norms[:, None]).astype(np.float32)
 
 
 def _as_float32_matrix(a, name: str) -> np.ndarray:
@@ -58,16 +80,15 @@ def _as_float32_matrix(a, name: str) -> np.ndarray:
     return a
 
 
-def _metric_type(faiss, metric: str):
+def _metric_type(metric: str):
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
 def _build_index(x: np.ndarray, metric: str, method: str, device: str, *, hnsw_m: int,
                  ef_construction: int, ef_search: int, nlist: Optional[int], nprobe: Optional[int],
                  seed: int, k: int):
-    faiss = _faiss()
     d = x.shape[1]
-    mt = _metric_type(faiss, metric)
+    mt = _metric_type(metric)
     if method == "exact":
         index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
         index.add(x)
@@ -178,7 +199,6 @@ def knn_search(x, k: int, *, queries=None, metric: str = "ip", method: str = "ex
     exact_index = None
     starts = range(0, nq, chunk_size)
     if progress:
-        from tqdm import tqdm
         starts = tqdm(starts, desc=f"kNN ({method})", unit="chunk", file=sys.stderr)
     for s in starts:
         e = min(s + chunk_size, nq)

@@ -1,42 +1,27 @@
-"""File-level stage functions shared by the CLI and ``finetune``: spec/checkpoint in, files out."""
+"""File-level stage functions of the commands (CLI-only code): spec/checkpoint in, files out.
+
+They are thin over the library: :func:`partreid.common.extract.extract_to_file`,
+:func:`partreid.common.retrieval.evaluation.evaluate_rank` and the pictures of :mod:`partreid.cli._plots`.
+Imported only by the commands that extract or evaluate, so its imports may be heavy.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
+
+import numpy as np
 
 from partreid.common.errors import InputError
+from partreid.common.h5io import features_for_labels, read_features, read_labels
+from partreid.common.retrieval.evaluation import distance_chunks, evaluate_rank, topk_per_query
+from partreid.common.splits import choose_split
 
 log = logging.getLogger("partreid")
-
-
-def choose_split(ds, split: Optional[str]) -> Tuple[str, "object"]:
-    """Rows of ``split``; default: ``train`` when present, else the dataset's only split.
-
-    Raises:
-        InputError: the split does not exist, or no default can be chosen.
-    """
-    splits = list(dict.fromkeys(ds.frame["split"]))
-    if split in (None, ""):
-        if "train" in splits:
-            split = "train"
-        elif len(splits) == 1:
-            split = splits[0]
-        else:
-            raise InputError(f"{ds.spec}: choose a split with --split ({', '.join(splits)})")
-    if split == "all":
-        return split, ds.frame
-    if split not in splits:
-        raise InputError(f"{ds.spec}: no split {split!r} (available: {', '.join(splits) or 'none'})")
-    return split, ds.frame[ds.frame["split"] == split].reset_index(drop=True)
-
-
-def resolve_fusion(loaded, fusion: str) -> str:
-    """``auto`` → ``cat`` for ViTs (PASS's retrieval feature), ``cls`` (GAP) for ResNet-50 and finetuned models."""
-    if fusion != "auto":
-        return fusion
-    return "cat" if loaded.kind == "vit" else "cls"
 
 
 def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = None, fusion: str = "auto",
@@ -50,10 +35,11 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
         the output path.
 
     Raises:
-        InputError: bad checkpoint, dataset spec or split; see :func:`common.extract.extract_to_file`.
+        InputError: bad checkpoint, dataset spec or split; see :func:`partreid.common.extract.extract_to_file`.
     """
+    # torch, the models and the dataset readers load only here: ``evaluate`` on features files never needs them
     from partreid.common.data import load_dataset
-    from partreid.common.extract import FeatureOptions, extract_to_file
+    from partreid.common.extract import FeatureOptions, extract_to_file, resolve_fusion
     from partreid.common.models.loader import load_model
 
     ds = load_dataset(spec, verbose=verbose, strict=strict)
@@ -83,10 +69,8 @@ def format_metrics_table(metrics: dict) -> str:
 
 
 def image_refs(attrs: dict, paths) -> list:
-    """Per row of a features file, something :func:`common.visualize.save_ranked_lists` can open: the absolute
+    """Per row of a features file, something :func:`partreid.cli._plots.save_ranked_lists` can open: the absolute
     image path, or (for LMDB datasets) a zero-argument callable reading the key."""
-    import functools
-
     root = Path(str(attrs.get("dataset_root", "")))
     if (root / "keys.pkl").exists():
         from partreid.common.data import load_dataset
@@ -96,18 +80,28 @@ def image_refs(attrs: dict, paths) -> list:
     return [str(root / p) for p in paths]
 
 
-def evaluate_arrays(qf, gf, q_pids, q_camids, g_pids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
+def evaluate_arrays(qf, gf, q_pids, g_pids, q_camids, g_camids, *, rerank: bool = False, k1: int = 20, k2: int = 6,
                     lambda_value: float = 0.3, protocol: str = "market", metric: str = "euclidean") -> dict:
-    """mAP/CMC/mINP of query features against gallery features (see :mod:`partreid.common.retrieval.evaluation`)."""
-    from partreid.common.retrieval.evaluation import evaluate_features
+    """:func:`partreid.common.retrieval.evaluation.evaluate_rank` of query against gallery features, with
+    ``rerank`` on the k-reciprocal re-ranked distances (Zhong et al. CVPR 2017, Eq. 12; TransReID
+    ``utils/reranking.py`` ``re_ranking``), whose parameters are then recorded in the dict.
 
-    metrics = evaluate_features(qf, gf, q_pids, q_camids, g_pids, g_camids, metric=metric, rerank=rerank, k1=k1,
-                                k2=k2, lambda_value=lambda_value, protocol=protocol)
-    out = {k: float(metrics[k]) for k in METRIC_KEYS}
-    out.update({k: int(metrics[k]) for k in ("num_query", "num_valid_query", "num_gallery")})
-    if rerank:
-        out.update({"rerank": True, "k1": k1, "k2": k2, "lambda": lambda_value})
-    return out
+    Raises:
+        InputError: see ``evaluate_rank``; re-ranking with a metric other than ``'euclidean'``.
+    """
+    if not rerank:
+        return evaluate_rank(None, q_pids, g_pids, q_camids, g_camids, qf=qf, gf=gf, metric=metric,
+                             protocol=protocol)
+    if metric != "euclidean":
+        raise InputError("re-ranking uses the squared Euclidean distance; use --metric euclidean")
+    # the re-ranking code (and its sparse-matrix dependencies) loads only for --rerank
+    from partreid.common.retrieval.reranking import reranked_distance_chunks
+
+    chunks = reranked_distance_chunks(np.ascontiguousarray(qf, np.float32), np.ascontiguousarray(gf, np.float32),
+                                      k1, k2, lambda_value, None)
+    metrics = evaluate_rank(chunks, q_pids, g_pids, q_camids, g_camids, protocol=protocol)
+    metrics.update({"rerank": True, "k1": int(k1), "k2": int(k2), "lambda": float(lambda_value)})
+    return metrics
 
 
 def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
@@ -116,21 +110,19 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
     """Evaluate a query features file against a gallery features file (``evaluate --query --gallery``).
 
     Returns:
-        the metrics dict (fractions in [0, 1] plus counts); with ``show_ranks`` > 0 also ``ranked_lists``,
-        the paths of the ranked-list pictures written under ``out_dir``.
+        the dict of :func:`partreid.common.retrieval.evaluation.evaluate_rank`; with ``show_ranks`` > 0 also
+        ``ranked_lists``, the paths of the ranked-list pictures written under ``out_dir``.
 
     Raises:
         InputError: unreadable files, or feature widths that differ.
     """
-    from partreid.common.h5io import read_features
-
     q = read_features(query, parts=False)
     g = read_features(gallery, parts=False)
     if q.global_feats.shape[1] != g.global_feats.shape[1]:
         raise InputError(f"{query} has D={q.global_feats.shape[1]} but {gallery} has D={g.global_feats.shape[1]}")
     if q.attrs.get("model_sha256") != g.attrs.get("model_sha256"):
         log.warning("query and gallery features come from different models (model_sha256 differs)")
-    metrics = evaluate_arrays(q.global_feats, g.global_feats, q.pid, q.camid, g.pid, g.camid, rerank=rerank, k1=k1,
+    metrics = evaluate_arrays(q.global_feats, g.global_feats, q.pid, g.pid, q.camid, g.camid, rerank=rerank, k1=k1,
                               k2=k2, lambda_value=lambda_value, protocol=protocol, metric=metric)
     if show_ranks:
         metrics["ranked_lists"] = [str(p) for p in save_rank_pictures(q, g, show_ranks, out_dir, metric=metric)]
@@ -140,10 +132,7 @@ def evaluate_files(query, gallery, *, rerank: bool = False, k1: int = 20, k2: in
 def save_rank_pictures(q, g, n: int, out_dir, metric: str = "euclidean", topk: int = 10):
     """Ranked-list pictures of ``n`` queries spread over the query list: the query, then its top-``topk``
     (same-pid same-camera junk skipped; green = right, red = wrong)."""
-    import numpy as np
-
-    from partreid.common.retrieval.evaluation import distance_chunks, topk_per_query
-    from partreid.common.visualize import save_ranked_lists
+    from partreid.cli._plots import save_ranked_lists  # PIL and matplotlib only when pictures are asked for
 
     if out_dir is None:
         raise InputError("--show-ranks needs --out-dir")
@@ -164,8 +153,6 @@ def evaluate_checkpoint(checkpoint: str, spec: str, *, fusion: str = "auto", nec
     With ``out_dir`` the two features files are kept there (``query.h5``, ``gallery.h5``); otherwise they go to a
     temporary folder.
     """
-    import tempfile
-
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="partreid-eval-"))
     files = {}
     for split in ("query", "gallery"):
@@ -174,17 +161,14 @@ def evaluate_checkpoint(checkpoint: str, spec: str, *, fusion: str = "auto", nec
                                         workers=workers, device=device, parts=False, verbose=split == "query")
     metrics = evaluate_files(files["query"], files["gallery"], out_dir=work, **eval_kwargs)
     if not out_dir:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return metrics
 
 
 def plot_clusters_file(labels_path, out_png, max_clusters: int = 16, per_row: int = 12) -> Path:
     """``clusters.png`` of a labels file: one row of crops per discovered identity (see
-    :func:`common.visualize.save_cluster_grid`); true pids, when known, colour the frames."""
-    from partreid.common.h5io import features_for_labels, read_labels
-    from partreid.common.visualize import save_cluster_grid
+    :func:`partreid.cli._plots.save_cluster_grid`); true pids, when known, colour the frames."""
+    from partreid.cli._plots import save_cluster_grid
 
     labels = read_labels(labels_path)
     feats = features_for_labels(labels, parts=False)

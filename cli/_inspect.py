@@ -1,4 +1,5 @@
-"""Readable summaries of what flows between stages: dataset specs, features files and labels files."""
+"""``inspect-data``: readable summaries of what flows between stages: dataset specs, features files and labels
+files (CLI-only code)."""
 
 from __future__ import annotations
 
@@ -10,38 +11,7 @@ import numpy as np
 
 from partreid.common.errors import InputError
 from partreid.common.h5io import FEATURES_FORMAT, LABELS_FORMAT, read_features, read_labels
-
-
-_SIZE_BINS = [(1, 1), (2, 3), (4, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 200), (201, 500),
-              (501, 1000), (1001, None)]
-
-
-def size_histogram(labels, width: int = 40) -> str:
-    """Text histogram of cluster sizes (number of clusters per size bin, plus the outlier count).
-
-    Args:
-        labels: int (N,) cluster labels, -1 = outlier. width: longest bar in characters.
-
-    Returns:
-        A multi-line string, e.g. ``"   4-5   | ####        120"``.
-    """
-    labels = np.asarray(labels, np.int64)
-    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
-    sizes = sizes[sizes > 0]
-    counts = []
-    for lo, hi in _SIZE_BINS:
-        sel = (sizes >= lo) if hi is None else ((sizes >= lo) & (sizes <= hi))
-        counts.append(int(sel.sum()))
-    top = max(counts + [1])
-    lines = ["cluster size | clusters"]
-    for (lo, hi), c in zip(_SIZE_BINS, counts):
-        if c == 0:
-            continue
-        name = f"{lo}" if hi == lo else (f">{lo - 1}" if hi is None else f"{lo}-{hi}")
-        bar = "#" * max(1, int(round(width * c / top)))
-        lines.append(f"{name:>12} | {bar} {c}")
-    lines.append(f"{'outliers':>12} | {int((labels < 0).sum())} samples")
-    return "\n".join(lines)
+from partreid.pplr_finetune.pseudo_labels import size_histogram
 
 
 def _attrs_block(attrs: Dict[str, Any], skip=()) -> List[str]:

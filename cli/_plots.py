@@ -1,9 +1,12 @@
-"""Ranked-list pictures: a query followed by its top-k gallery images, framed green (right) or red (wrong).
+"""The pictures the commands draw (CLI-only code): ranked lists (``evaluate --show-ranks``), cluster grids
+(``cluster --plot-clusters``), cross-agreement histograms (``refine-labels --plot``) and training curves
+(``finetune --plot``).
 
+Ranked-list pictures: a query followed by its top-k gallery images, framed green (right) or red (wrong).
 Used by ``evaluate --show-ranks N --out-dir DIR``. The ranking comes from
 :func:`partreid.common.retrieval.evaluation.topk_per_query`; junk entries (same pid AND same camid as the query, Market protocol,
-reference-spec §E.1) are skipped here as well, so a top-k computed without labels can be passed as long as it
-has enough spare columns.
+open-reid ``evaluation_metrics/ranking.py`` ``mean_ap``) are skipped here as well, so a top-k computed without labels
+can be passed as long as it has enough spare columns.
 
 Layout of one picture (all sizes in pixels; see :func:`ranked_list_layout`): ``1 + topk`` cells of
 ``tile_size = (width, height)`` in a row, the query first, a wider gap after the query. Each cell is the image
@@ -20,13 +23,15 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from partreid.common.errors import InputError
 from partreid.common.fileio import atomic_path
 
-__all__ = ["save_ranked_lists", "ranked_list_layout", "RIGHT_COLOR", "WRONG_COLOR", "QUERY_COLOR",
-           "EMPTY_COLOR"]
+__all__ = ["save_ranked_lists", "ranked_list_layout", "save_cluster_grid", "plot_agreement", "plot_history",
+           "RIGHT_COLOR", "WRONG_COLOR", "QUERY_COLOR", "EMPTY_COLOR"]
 
 log = logging.getLogger("partreid")
 
@@ -235,3 +240,64 @@ def save_cluster_grid(images: Sequence[ImageLike], labels, out, *, max_clusters:
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")
     return out
+
+
+def plot_agreement(agreement, out, bins: int = 21) -> Path:
+    """Per-part histograms of the cross-agreement scores (PPLR Eq. 1), one panel per part, to a PNG.
+
+    Args:
+        agreement: float (N, P) scores in [0, 1] (a labels file's ``agreement``).
+        out: PNG to write (atomically). bins: histogram bins over [0, 1].
+
+    Returns:
+        ``out`` as a Path.
+    """
+    a = np.asarray(agreement, np.float32)
+    n_parts = max(a.shape[1], 1)
+    fig = Figure(figsize=(3.2 * n_parts, 2.8))
+    axes = fig.subplots(1, n_parts, squeeze=False, sharey=True)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for j in range(a.shape[1]):
+        ax = axes[0, j]
+        ax.hist(a[:, j], bins=edges, color="tab:blue", edgecolor="white")
+        ax.set_title(f"part {j}: mean {a[:, j].mean():.3f}" if a.shape[0] else f"part {j}")
+        ax.set_xlabel("cross-agreement")
+        ax.set_xlim(0, 1)
+    axes[0, 0].set_ylabel("samples")
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return out
+
+
+def plot_history(csv_path, out_png) -> Path:
+    """Per-epoch curves of a ``finetune`` run's ``metrics.csv``: losses, clusters/outliers, mean cross-agreement
+    and test mAP/rank-1 when evaluated, to a PNG (written atomically). Returns ``out_png`` as a Path."""
+    df = pd.read_csv(csv_path)
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
+    for col in [c for c in ("loss", "pglr", "triplet", "part", "camera", "memory") if c in df]:
+        axes[0].plot(df["epoch"], df[col], marker="o", label=col)
+    axes[0].set_title("training losses (epoch mean)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(df["epoch"], df["clusters"], marker="o", label="clusters")
+    axes[1].plot(df["epoch"], df["outliers"], marker="o", label="outliers")
+    axes[1].set_title("pseudo-labels")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(df["epoch"], df["agreement_mean"], marker="o", label="mean cross-agreement")
+    if "mAP" in df and df["mAP"].notna().any():
+        sub = df[df["mAP"].notna()]
+        axes[2].plot(sub["epoch"], sub["mAP"], marker="s", label="mAP (test)")
+        axes[2].plot(sub["epoch"], sub["rank1"], marker="^", label="rank-1 (test)")
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("agreement / retrieval")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return out_png
