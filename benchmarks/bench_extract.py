@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.common.distributed import autocast
     from partreid.common.extract import FeatureOptions, compute_batch, extract_to_file
     from partreid.common.models.loader import load_model

@@ -13,4 +13,12 @@ if [ -z "$PY" ] || ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "skipped: no GPU check possible (no python with torch: run make install, or set PYTHON=)"
   exit 0
 fi
-exec timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_check.py "$@"
+timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-330}" "$PY" benchmarks/gpu_check.py "$@"
+rc=$?
+# The PASS loader check (device-side multi-crop vs PIL workers vs the model-only bound); skips itself without CUDA.
+case " $* " in
+  *" --tiny "*|*" --only "*) ;;
+  *) timeout --signal=INT --kill-after=20 "${PRETRAIN_GPU_TIMEOUT:-150}" "$PY" benchmarks/bench_pretrain_gpu.py \
+       --iters 10 --warmup 2 || rc=$? ;;
+esac
+exit $rc

@@ -60,7 +60,7 @@ def describe_labels(path) -> str:
 
 def describe_dataset(spec: str) -> str:
     """Summary table of a dataset spec (ids, images, cameras per split), with its full fingerprint."""
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
 
     ds = load_dataset(spec, verbose=False)
     return f"{ds.summary()}\n  spec: {spec}\n  fingerprint: {ds.fingerprint}"

@@ -38,7 +38,7 @@ def extract_features(checkpoint: str, spec: str, out, *, split: Optional[str] = 
         InputError: bad checkpoint, dataset spec or split; see :func:`partreid.common.extract.extract_to_file`.
     """
     # torch, the models and the dataset readers load only here: ``evaluate`` on features files never needs them
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.common.extract import FeatureOptions, extract_to_file, resolve_fusion
     from partreid.common.models.loader import load_model
 
@@ -81,7 +81,7 @@ def image_refs(attrs: dict, paths) -> list:
     image path, or (for LMDB datasets) a zero-argument callable reading the key."""
     root = Path(str(attrs.get("dataset_root", "")))
     if (root / "keys.pkl").exists():
-        from partreid.common.data.datasets import load_dataset
+        from partreid.common.data import load_dataset
 
         ds = load_dataset(str(attrs.get("dataset")), verbose=False)
         return [functools.partial(ds.open_image, p) for p in paths]

@@ -64,6 +64,11 @@ Examples:
                    "(--use_fp16); bf16 = bfloat16 autocast, no scaler (also on the CPU); auto = bf16 where the GPU "
                    "supports it, else fp16; none = float32. fp16 and auto run float32 on the CPU.")
 @click.option("--workers", "-j", type=int, default=_C.num_workers, show_default=True)
+@click.option("--augment-on", type=click.Choice(["auto", "cpu", "device"]), default=_C.augment_on,
+              show_default=True,
+              help="Where the multi-crop augmentation runs. cpu: PIL in the data-loader workers (the reference); "
+                   "device: workers only decode, crops and colour run batched on the training device; "
+                   "auto: device on CUDA, else cpu.")
 @click.option("--checkpoint-every", type=int, default=_C.checkpoint_every, show_default=True,
               help="Also checkpoint every N iterations (0: epoch ends only).")
 @click.option("--stop-after-iters", type=int, default=None, help="Stop (with a checkpoint) after N iterations.")
@@ -77,8 +82,8 @@ Examples:
 @guarded
 def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, image_size, local_size,
          local_crops_per_band, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
-         clip_grad, clip_mode, freeze_last_layer, drop_path, depth, amp, workers, checkpoint_every, stop_after_iters,
-         resume, quiet, refresh_index, strict, device, seed, verbose, debug):
+         clip_grad, clip_mode, freeze_last_layer, drop_path, depth, amp, workers, augment_on, checkpoint_every,
+         stop_after_iters, resume, quiet, refresh_index, strict, device, seed, verbose, debug):
     """PASS pre-training: DINO self-distillation of a ViT with three [PART] tokens, one per horizontal band.
 
     Paper defaults (ViT-S: 100 epochs, batch 128/GPU, AdamW lr 5e-4 x batch/256, 10 warm-up epochs, 2 global
@@ -88,7 +93,7 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
     """
     if ctx.invoked_subcommand is not None:
         return
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.common.data.images import ImageDataset
     from partreid.common.errors import InputError
     from partreid.common.splits import choose_split
@@ -106,9 +111,11 @@ def main(ctx, spec, out, arch, epochs, batch_size, lr, warmup_epochs, out_dim, i
                         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                         momentum_teacher=momentum_teacher, clip_grad=clip_grad, clip_mode=clip_mode,
                         freeze_last_layer=freeze_last_layer, amp=amp, seed=seed, num_workers=workers, device=device,
-                        checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet)
+                        checkpoint_every=checkpoint_every, stop_after_iters=stop_after_iters, progress=not quiet,
+                        augment_on=augment_on)
     ds = load_dataset(spec, refresh=refresh_index, strict=strict)
-    _, frame = choose_split(ds, None, unlabelled=True)  # train when present, else every image
+    # one split (LUPerson): every row, served from the dataset's own path table without building a frame
+    frame = None if len(ds.splits) <= 1 else choose_split(ds, None, unlabelled=True)[1]
     ckpt = train_pass(config, ImageDataset(ds, frame, transform=None), out, resume=resume)
     from partreid.common.distributed import is_main_process
 

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from partreid.common.data.images import ImageDataset, collate_skip_none, open_image_file
+from partreid.common.data.decode import open_image_file
+from partreid.common.data.images import ImageDataset, collate_skip_none
 from partreid.common.distributed import autocast, rank as dist_rank, resolve_device, world_size as dist_world_size
 from partreid.common.errors import InputError
 from partreid.common.h5io import FeaturesWriter
@@ -119,7 +120,7 @@ def extract_to_file(loaded: LoadedModel, ds, frame, out, *, split: str = "", opt
 
     Args:
         loaded: the model (see :func:`common.models.loader.load_model`).
-        ds: the dataset (``partreid.common.data.datasets.ReIDDataset``), used to open images and for provenance.
+        ds: the dataset (``partreid.common.data.ReIDDataset``), used to open images and for provenance.
         frame: the rows to extract (columns path, pid, camid), in output order.
         out: destination ``.h5``.
         split: split name recorded in the file.

@@ -18,7 +18,7 @@ def choose_split(ds, split: Optional[str] = None, *, unlabelled: bool = False) -
     """The rows of ``split`` in dataset ``ds``.
 
     Args:
-        ds: a dataset (``partreid.common.data.datasets.ReIDDataset``): ``ds.frame`` has a ``split`` column
+        ds: a dataset (``partreid.common.data.ReIDDataset``): ``ds.frame`` has a ``split`` column
             and ``ds.spec`` names it in messages.
         split: a split name, ``'all'`` (every row), or None/'' for the default: ``train`` when the dataset has
             one, else its only split.

@@ -81,6 +81,7 @@ class PassConfig:
     stop_after_iters: Optional[int] = None
     export_on_finish: bool = True
     progress: bool = True
+    augment_on: str = "auto"  # 'cpu' (PIL in the workers), 'device' (batched on the training device), 'auto'
 
     def validate(self) -> "PassConfig":
         """Check value ranges; raises InputError with a one-line message. Returns self."""

@@ -12,6 +12,9 @@ Reproducibility and resume
 * Augmentation: item i of epoch e is augmented under torch's CPU RNG seeded from (seed, e, i) and the caller's
   RNG state is restored afterwards (:func:`pass_pretrain.augment.seeded_call`), so the views do not depend on the
   number of data-loader workers, on the order they run in, or on where a run was interrupted.
+  With ``augment_on='device'`` (:class:`pass_pretrain.augment.DeviceMultiCrop`) the workers only decode, and the
+  views of iteration i of epoch e are drawn on the training device from a generator seeded from (seed, rank, e, i):
+  just as reproducible, though not the same views as the PIL path's.
 * Training RNG (stochastic depth): the python, numpy, torch and CUDA RNG states are stored in every checkpoint
   and restored on resume (rank 0's; other ranks are reseeded from (seed, rank, iteration)).
 * A checkpoint (``checkpoint.pth``, written atomically every ``checkpoint_every`` iterations, at every epoch end
@@ -49,7 +52,8 @@ from partreid.common.fileio import atomic_path
 from partreid.common.models.archs import ARCHS
 from partreid.common.models.checkpoint import read_checkpoint
 from partreid.common.models.vit import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_part_vit, save_backbone
-from partreid.pass_pretrain.augment import CropLayout, PassMultiCropAugment, seeded_call
+from partreid.pass_pretrain.augment import (CropLayout, DecodedImages, DeviceMultiCrop, PassMultiCropAugment,
+                                           collate_uint8, device_views, resolve_augment_on, seeded_call)
 from partreid.pass_pretrain.heads import PASSMultiCrop
 from partreid.pass_pretrain.loss import PASSLoss
 from partreid.pass_pretrain.config import CLIP_MODES, PassConfig  # noqa: F401 - re-exported
@@ -63,7 +67,7 @@ METRICS_NAME = "metrics.csv"
 BACKBONE_NAME = "teacher_backbone.pth"
 #: config fields that may change between an interrupted run and its resumption (they do not affect results).
 _RESUME_FREE = {"num_workers", "device", "checkpoint_every", "snapshot_every", "stop_after_iters",
-                "export_on_finish", "progress"}
+                "export_on_finish", "progress", "augment_on"}
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -477,6 +481,12 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
         if augment.layout != trainer.layout:
             raise InputError(f"augmentation layout {augment.layout} differs from the model's {trainer.layout}")
         views_ds = MultiCropDataset(dataset, augment, seed=config.seed)
+        collate, device_aug = collate_views, None
+        if resolve_augment_on(config.augment_on, device) == "device":  # workers only decode
+            device_aug = DeviceMultiCrop(tuple(config.image_size), tuple(config.local_size),
+                                         tuple(config.global_crops_scale), tuple(config.local_crops_scale),
+                                         local_per_band=config.local_crops_per_band)
+            views_ds, collate = DecodedImages(dataset), collate_uint8
 
         metrics_path = out_dir / METRICS_NAME
         writer = None
@@ -514,7 +524,7 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                 views_ds.set_epoch(epoch)
                 loader = DataLoader(views_ds, batch_size=config.batch_size,
                                     sampler=SkipSampler(sampler, skip * config.batch_size),
-                                    num_workers=config.num_workers, collate_fn=collate_views, drop_last=True,
+                                    num_workers=config.num_workers, collate_fn=collate, drop_last=True,
                                     pin_memory=device.type == "cuda",
                                     generator=torch.Generator().manual_seed(config.seed + epoch))
                 bar = tqdm(total=niter, initial=skip, desc=f"epoch {epoch}", file=sys.stderr,
@@ -524,6 +534,9 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                 for i, views in enumerate(loader, start=skip):
                     it = epoch * niter + i
                     if views is not None:
+                        if device_aug is not None:
+                            views = device_views(device_aug, views, device,  # seed of (run, rank, epoch, iteration)
+                                                 item_seed(config.seed + 7919 * rank, epoch, n_images + i))
                         stats = trainer.step(views, epoch, it)
                         now = time.perf_counter()
                         ips = views[0].shape[0] * world / max(now - tick, 1e-9)

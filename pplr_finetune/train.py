@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from partreid.common import distributed as dist
-from partreid.common.data.datasets import load_dataset
+from partreid.common.data import load_dataset
 from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate_skip_none
 from partreid.common.errors import InputError
 from partreid.common.extract import FeatureOptions, extract_arrays, extract_to_file

@@ -1,4 +1,4 @@
-"""Dataset readers (common/data/datasets.py) and image loading (common/data/images.py).
+"""Dataset readers (common/data/) and image loading (common/data/images.py).
 
 Real data: ../shared/data beside the repository (skipped when absent). Everything else runs on small file
 trees generated in tmp_path: empty files where the reader only looks at names, tiny real images where
@@ -17,11 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from partreid.common.data.datasets import compute_fingerprint, load_dataset, load_file_index
+from partreid.common.data import compute_fingerprint, load_dataset, load_file_index
 from partreid.common.errors import InputError
 from partreid.common.data.images import ImageDataset, collate_skip_none, missing_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache folder: index caches never land in ~/.cache or in a dataset folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
 def need_shared():
@@ -327,15 +333,21 @@ def test_luperson_tree_index_cache(tmp_path, monkeypatch):
         touch(root / p)
     expected = ["00_cn/01_bj/v1/00000000.jpg", "00_cn/01_bj/v1/00000001.JPEG", "01_us/v9/a.png", "top.jpg"]
     ds = load_dataset(f"luperson:{root}", verbose=False)
-    assert ds.kind == "luperson" and ds.frame.path.tolist() == expected
+    assert ds.kind == "luperson" and len(ds) == 4 and ds.splits == ["train"]
+    assert [ds.path_at(i) for i in range(4)] == expected
+    assert ds.frame.path.tolist() == expected
     assert set(ds.frame.pid) == {-1} and set(ds.frame.camid) == {-1} and set(ds.frame.split) == {"train"}
     assert ds.fingerprint == sha_lines(expected)
-    cache = root / ".partreid" / "file-index.txt.gz"
-    assert cache.is_file()
+    cached = list((tmp_path / "xdg" / "partreid").glob("file-index-LUPerson-*.bin"))
+    assert len(cached) == 1 and not (root / ".partreid").exists()
+    cache = cached[0]
     # reused: a file added three levels down does not change ROOT's or its children's mtimes
     touch(root / "00_cn" / "01_bj" / "v1" / "00000002.jpg")
     paths, fp, source = load_file_index(root)
-    assert source == f"cache:{cache}" and paths == expected and fp == ds.fingerprint
+    assert source == f"cache:{cache}" and paths.tolist() == expected and fp == ds.fingerprint
+    # a cached table pickles as a re-opened memory map, equal to the original
+    again = pickle.loads(pickle.dumps(paths))
+    assert again == paths and again.tolist() == expected and len(pickle.dumps(paths)) < 400
     # refresh forces a new listing
     paths, _, source = load_file_index(root, refresh=True)
     assert source == "scan" and len(paths) == 5
@@ -346,27 +358,33 @@ def test_luperson_tree_index_cache(tmp_path, monkeypatch):
     ds2 = load_dataset(f"luperson:{root}", verbose=False)
     assert len(ds2.frame) == 6 and ds2.fingerprint != ds.fingerprint
     assert load_file_index(root)[2] == f"cache:{cache}"
+    # a truncated cache file is ignored and rewritten
+    cache.write_bytes(cache.read_bytes()[:-3])
+    assert load_file_index(root)[2] == "scan" and load_file_index(root)[2] == f"cache:{cache}"
 
 
-def test_luperson_tree_cache_falls_back_to_xdg(tmp_path, monkeypatch):
+def test_luperson_tree_read_only_and_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    root = tmp_path / "lup"
-    touch(root / "a" / "1.jpg")
-    touch(root / ".partreid")  # a file where the cache folder would go: ROOT unusable for the cache
-    load_dataset(f"luperson:{root}", verbose=False)
-    cached = list((tmp_path / "xdg" / "partreid").glob("file-index-lup-*.txt.gz"))
-    assert len(cached) == 1
-    assert load_file_index(root)[2] == f"cache:{cached[0]}"
-    # a folder marked read-only (no write bit) is never written into, even when running as root
     ro = tmp_path / "ro"
-    touch(ro / "b" / "2.jpg")
-    ro.chmod(0o555)
+    touch(ro / "b" / "2.jpg", image_bytes(2))
+    touch(ro / "a" / "1.jpg", image_bytes(1))
+    for d in (ro / "a", ro / "b", ro):
+        d.chmod(0o555)
     try:
-        paths, _, _ = load_file_index(ro)
-        assert paths == ["b/2.jpg"] and not (ro / ".partreid").exists()
-        assert len(list((tmp_path / "xdg" / "partreid").glob("file-index-ro-*.txt.gz"))) == 1
+        ds = load_dataset(f"luperson:{ro}", verbose=False)
+        assert ds.paths.tolist() == ["a/1.jpg", "b/2.jpg"] and sorted(os.listdir(ro)) == ["a", "b"]
+        assert len(list((tmp_path / "xdg" / "partreid").glob("file-index-ro-*.bin"))) == 1
+        # the dataset's own memory-mapped table is served, no copy; workers decode the same pixels
+        images = ImageDataset(load_dataset(f"luperson:{ro}", verbose=False), transform=None)
+        assert images._paths._file is not None
+        loader = torch.utils.data.DataLoader(images, batch_size=1, num_workers=2,
+                                             collate_fn=lambda b: (np.asarray(b[0][0]), b[0][1]))
+        got = {i: arr for arr, i in loader}
+        want = {i: np.asarray(Image.open(io.BytesIO(image_bytes(i + 1))).convert("RGB")) for i in range(2)}
+        assert all(np.array_equal(got[i], want[i]) for i in range(2))
     finally:
-        ro.chmod(0o755)
+        for d in (ro, ro / "a", ro / "b"):
+            d.chmod(0o755)
 
 
 # ------------------------------------------------------------------------------------------- LUPerson LMDB
@@ -405,6 +423,11 @@ def test_luperson_lmdb_pixels(tmp_path):
     build_lmdb(tmp_path / "nokeys", items, with_keys=False, subdir=None)
     ds2 = load_dataset(f"lmdb:{tmp_path / 'nokeys'}", verbose=False)
     assert ds2.fingerprint == ds.fingerprint
+    # the sorted key list is cached outside the dataset, and reused
+    cached = sorted((tmp_path / "xdg-cache" / "partreid").glob("lmdb-keys-*.bin"))
+    assert len(cached) == 2
+    ds3 = load_dataset(f"luperson:{tmp_path / 'lup'}", verbose=False)
+    assert ds3.paths == ds.paths and ds3.paths._file is not None and ds3.fingerprint == ds.fingerprint
 
 
 def test_lmdb_dataloader_workers_count_skips(tmp_path):
