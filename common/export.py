@@ -231,7 +231,7 @@ def verification_crops(source=None, n: int = DEFAULT_VERIFY_IMAGES) -> List[Tupl
     Raises:
         InputError: no images found, or no source given and the sample crops are not installed.
     """
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
 
     if source is None:
         if not SAMPLE_CROPS.is_dir():

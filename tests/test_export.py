@@ -136,7 +136,7 @@ def no_camera_folder(tmp_path_factory):
 
 
 def test_evaluate_and_search_without_cameras(onnx_model, no_camera_folder, tmp_path):
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.common.h5io import read_features
     from partreid.cli._stages import evaluate_files
 

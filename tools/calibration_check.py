@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from partreid.common.calibration import calibrate_threshold, write_threshold
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
     from partreid.cli._stages import evaluate_files, extract_features
     from partreid.pplr_finetune.cross_agreement import refine_labels_file
     from partreid.pplr_finetune.pseudo_labels import cluster_features_file

@@ -57,7 +57,7 @@ def _list_dataset(list_file: Path):
     """A dataset of the images named in a list file (one path per line; '#' comments and blank lines skipped)."""
     import pandas as pd
 
-    from partreid.common.data.datasets import ReIDDataset
+    from partreid.common.data.base import ReIDDataset
 
     try:
         lines = list_file.read_text().splitlines()
@@ -78,7 +78,7 @@ def _list_dataset(list_file: Path):
 
 def _image_dataset(source: str):
     """A dataset spec, a folder (labelled layouts detected; otherwise an unlabelled image tree) or a list file."""
-    from partreid.common.data.datasets import load_dataset
+    from partreid.common.data import load_dataset
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
