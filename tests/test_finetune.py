@@ -28,6 +28,15 @@ def _make_dataset(root, ids=12, per_id=4, seed=0):
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / name, quality=95)
 
 
+def tiny_inputs(root, ids, per_id):
+    """A Market-style crop folder under ``root/data`` and a seeded depth-1 vit_tiny backbone (64×32) beside it."""
+    from partreid.common.models.vit import PartViT, save_backbone
+
+    _make_dataset(root / "data", ids=ids, per_id=per_id)
+    torch.manual_seed(0)
+    return save_backbone(PartViT("vit_tiny", depth=1, image_size=(64, 32)), root / "backbone.pth")
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from partreid.common.models.vit import PartViT, save_backbone

@@ -13,7 +13,7 @@ import torch
 
 from partreid.pplr_finetune.config import PRESETS, FinetuneConfig, default, resolve_bn_groups
 from tests.conftest import script
-from tests.test_finetune import _make_dataset
+from tests.test_finetune import tiny_inputs
 
 TINY = dict(epochs=1, iters=2, batch_size=32, k1=6, k2=2, eps=0.6, min_samples=2, k=4, eval_every=0, workers=0,
             progress=False, device="cpu", image_size=(64, 32))
@@ -21,13 +21,8 @@ TINY = dict(epochs=1, iters=2, batch_size=32, k1=6, k2=2, eps=0.6, min_samples=2
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from partreid.common.models.vit import PartViT, save_backbone
-
     root = tmp_path_factory.mktemp("presets")
-    _make_dataset(root / "data", ids=8, per_id=4)
-    torch.manual_seed(0)
-    ckpt = save_backbone(PartViT("vit_tiny", depth=1, image_size=(64, 32)), root / "backbone.pth")
-    return root, ckpt
+    return root, tiny_inputs(root, ids=8, per_id=4)
 
 
 def _run(root, ckpt, preset, arch, out, **kw):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import BIN, script
-from tests.test_finetune import _make_dataset
+from tests.test_finetune import tiny_inputs
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -47,13 +47,8 @@ def _launch(cmd, nproc):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from partreid.common.models.vit import PartViT, save_backbone
-
     root = tmp_path_factory.mktemp("ddp")
-    _make_dataset(root / "data", ids=4, per_id=4)
-    torch.manual_seed(0)
-    ckpt = save_backbone(PartViT("vit_tiny", depth=1, image_size=(64, 32)), root / "backbone.pth")
-    return root, ckpt, f"market1501:{root / 'data'}"
+    return root, tiny_inputs(root, ids=4, per_id=4), f"market1501:{root / 'data'}"
 
 
 def _h5_dump(path):
