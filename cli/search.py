@@ -1,7 +1,5 @@
 """``search``: rank a gallery features file for query crops or query features → CSV, same-person decision."""
 
-import os
-
 import click
 
 from partreid.cli._common import Command, common_options, emit_output, guard_files, guarded, resolve_device
@@ -52,9 +50,8 @@ def main(query, gallery, out, checkpoint, split, topk, threshold, threshold_file
 
     if topk < 1:
         raise InputError(f"--topk must be >= 1, got {topk}")
-    query_is_path = os.path.exists(query) or ":" not in str(query)
-    guard_files(reads={"QUERY": query if query_is_path else None, "--gallery": gallery, "--checkpoint": checkpoint,
-                       "--threshold-file": threshold_file}, specs={} if query_is_path else {"QUERY": query},
+    guard_files(reads={"QUERY": query, "--gallery": gallery, "--checkpoint": checkpoint,
+                       "--threshold-file": threshold_file}, specs={"QUERY": query},  # a path or a dataset spec
                 writes={"--out": out, "--show": show})
     g = read_features(gallery, parts=False)
     thr = resolve_threshold("auto" if threshold is None and threshold_file else threshold, threshold_file,
