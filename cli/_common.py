@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -381,6 +382,37 @@ def _on_sigterm(signum, frame):
 _MAIN_PID = os.getpid()
 
 
+def _on_unraisable(unraisable) -> None:
+    """Deliver a signal again when Python had to swallow its exception.
+
+    A signal handler raises in whatever Python code runs at that moment. If that is code whose exceptions Python
+    cannot propagate (an ``os.register_at_fork`` callback such as ``logging._releaseLock`` while a DataLoader
+    worker starts, a ``__del__``, a weakref callback), the Terminated/KeyboardInterrupt is printed as "Exception
+    ignored" and lost, and the command would run to completion. Re-sending the signal to this process raises it
+    again at the next bytecode of the main flow.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt) and os.getpid() == _MAIN_PID:
+        # from another thread, a moment later: sent from here, the handler would raise inside this hook again
+        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+        timer.daemon = True
+        timer.start()
+        return
+    _PREVIOUS_UNRAISABLEHOOK(unraisable)
+
+
+_PREVIOUS_UNRAISABLEHOOK = sys.unraisablehook
+
+
+def _after_signal(unraisable) -> None:
+    """After a Ctrl-C or SIGTERM: objects the signal interrupted while they were being built (a DataLoader
+    iterator whose ``__init__`` never finished) raise in ``__del__`` as the process ends. That is expected, not
+    news for the user: it goes to the debug log, and the one-line error stays the last line on stderr."""
+    log.debug("while stopping, ignored in %r: %s: %s", unraisable.object, type(unraisable.exc_value).__name__,
+              unraisable.exc_value)
+
+
 def guarded(func: Callable) -> Callable:
     """Run a command body with the project's exit-code and error-message conventions.
 
@@ -393,7 +425,7 @@ def guarded(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        global _GUARD_STACK, _MAIN_PID
+        global _GUARD_STACK, _MAIN_PID, _PREVIOUS_UNRAISABLEHOOK
         debug = kwargs.get("debug", False) or os.environ.get("PARTREID_DEBUG") == "1"
         setup_logging(kwargs.get("verbose", 0))
         ctx = click.get_current_context(silent=True)
@@ -403,6 +435,10 @@ def guarded(func: Callable) -> Callable:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread
             previous = None
+        previous_hook = sys.unraisablehook
+        if previous_hook is not _on_unraisable:
+            _PREVIOUS_UNRAISABLEHOOK = previous_hook
+        sys.unraisablehook = _on_unraisable
         stack = contextlib.ExitStack()
         outer, _GUARD_STACK = _GUARD_STACK, stack
         try:
@@ -420,6 +456,8 @@ def guarded(func: Callable) -> Callable:
             click.echo(f"error: {_usage_text(exc)}", err=True)
             sys.exit(EXIT_INPUT)
         except KeyboardInterrupt as exc:
+            if not debug:  # objects the signal caught mid-construction fail in __del__ as they are freed
+                previous_hook = _after_signal
             hint = "; partial results are kept: run it again with --resume" if resumable else ""
             if isinstance(exc, Terminated):
                 click.echo(f"error: terminated (SIGTERM){hint}", err=True)
@@ -437,6 +475,7 @@ def guarded(func: Callable) -> Callable:
             sys.exit(EXIT_INTERNAL)
         finally:
             _GUARD_STACK = outer
+            sys.unraisablehook = previous_hook
             if previous is not None:
                 with contextlib.suppress(ValueError):
                     signal.signal(signal.SIGTERM, previous)

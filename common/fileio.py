@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import signal
 import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -76,6 +77,31 @@ def _lock_rank() -> bool:
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers in place.
+
+    For the few steps that must not be cut in two: a file created and not yet recorded for clean-up. The block
+    runs its steps unbroken; a signal that arrives meanwhile is recorded and raised again when it ends, so the
+    handler's exception (KeyboardInterrupt, or the CLI's Terminated) is raised where the caller's ``finally``
+    cleans up. Outside the main thread (where Python runs no signal handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    # a handler installed outside Python reads as None and cannot be put back: leave that signal alone
+    watched = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in watched}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
 def output_lock(dest: PathLike, what: str = "") -> Iterator[None]:
     """Hold the exclusive write lock of ``dest`` for the duration of the block.
 
@@ -102,13 +128,18 @@ def output_lock(dest: PathLike, what: str = "") -> Iterator[None]:
             _release(key)
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(lock, what or str(dest))
-    with _HELD_MUTEX:
-        _HELD[key] = [fd, 1]
+    taken = False
     try:
+        with signals_held():  # a Ctrl-C between creating the lock file and recording it would leave the file
+            fd = _acquire(lock, what or str(dest))
+            with _HELD_MUTEX:
+                _HELD[key] = [fd, 1]
+            taken = True
         yield
     finally:
-        _release(key)
+        if taken:
+            with signals_held():
+                _release(key)
 
 
 def _acquire(lock: Path, what: str) -> int:
@@ -255,16 +286,19 @@ def atomic_path(dest: PathLike, inputs: tuple = ()) -> Iterator[Path]:
     check_not_input(dest, inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(dest):
-        tmp = new_partial(dest)
+        tmp = None
         try:
+            with signals_held():  # a signal between creating the partial file and the try would leave it
+                tmp = new_partial(dest)
             yield tmp
             finalize(tmp, dest)
             for stale in partials_of(dest):  # left by killed writers (we hold the lock: none is running)
                 with contextlib.suppress(OSError):
                     stale.unlink()
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
 
 def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:

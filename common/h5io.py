@@ -454,9 +454,11 @@ class FeaturesWriter:
                     f = h5py.File(cand, "r+")
                 except OSError:
                     continue  # unreadable partial file
-                if _from_attr(f.attrs.get("resume_key")) == key:
+                # the header is complete once resume_key is written (last); a writer killed before has none
+                done = f.attrs.get("rows_done")
+                if done is not None and _from_attr(f.attrs.get("resume_key")) == key:
                     self.f, self.partial = f, cand
-                    self.rows_done = int(f.attrs["rows_done"])
+                    self.rows_done = int(done)
                     break
                 f.close()
         for old in stale:  # earlier writers are gone (we hold the lock): their leftovers go
@@ -471,8 +473,8 @@ class FeaturesWriter:
         self.f["path"][...] = _as_str_array(paths)
         self.f["pid"][...] = np.asarray(pids, dtype=np.int64)
         self.f["camid"][...] = np.asarray(camids, dtype=np.int64)
-        self.f.attrs["resume_key"] = key
         self.f.attrs["rows_done"] = 0
+        self.f.attrs["resume_key"] = key  # last: marks the header complete for a later resume
         self.f.flush()
 
     def write(self, start: int, global_feats: np.ndarray, parts: Optional[np.ndarray] = None,

@@ -82,3 +82,71 @@ def test_umbrella_command_lists_and_runs_every_command():
         assert proc.returncode == 0 and f"Usage: partreid {name}" in proc.stdout
     bogus = subprocess.run([script("partreid"), "no-such-command"], capture_output=True, text=True)
     assert bogus.returncode == 2
+
+
+SWALLOWED_SIGNAL = """
+import os, signal, sys, time
+import click
+from partreid.cli._common import guarded
+
+@click.command()
+@guarded
+def main():
+    class Swallowing:
+        def __del__(self):  # like logging's at-fork callback while a DataLoader worker starts
+            os.kill(os.getpid(), signal.{sig})
+    Swallowing()
+    for _ in range(300):
+        time.sleep(0.01)
+    print("ran to completion")
+
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_raised_where_python_swallows_it_still_stops_the_command(sig, rc):
+    """A signal whose exception lands in code that cannot propagate it (a ``__del__``, an at-fork callback) is
+    delivered again: the command stops with its signal exit code instead of running to completion."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED_SIGNAL.format(sig=sig)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert "ran to completion" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {'terminated' if rc == 143 else 'interrupted'}")
+    assert "Exception ignored" not in proc.stderr
+
+
+HALF_BUILT = """
+import os, signal
+import click
+from partreid.cli._common import guarded
+
+class HalfBuilt:  # like a DataLoader iterator stopped inside __init__
+    def __init__(self):
+        os.kill(os.getpid(), signal.{sig})
+        self.ready = True
+    def __del__(self):
+        assert self.ready
+
+@click.command()
+@guarded
+def main():
+    HalfBuilt()
+
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_inside_a_constructor_leaves_the_error_line_last(sig, rc):
+    """The half-built object's ``__del__`` failure as the process ends stays out of stderr: the one-line error is
+    the last line and no traceback follows it."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", HALF_BUILT.format(sig=sig)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

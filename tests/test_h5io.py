@@ -91,6 +91,32 @@ def test_writer_resume_and_skipped_rows(tmp_path):
     w3.close()
 
 
+@pytest.mark.parametrize("header", ["empty file", "no attributes", "resume_key without rows_done"])
+def test_writer_resume_starts_afresh_from_a_partial_killed_while_its_header_was_written(tmp_path, header):
+    """A writer killed between creating its partial file and finishing the header leaves a partial file that
+    ``--resume`` cannot continue: it is replaced, not an error."""
+    from partreid.common.fileio import new_partial
+
+    out = tmp_path / "w.h5"
+    attrs = {"normalized": False, "dataset_fingerprint": "2:abc", "split": "all", "model_sha256": "m"}
+    if header == "resume_key without rows_done":  # killed between the two attributes
+        killed = FeaturesWriter(out, ["a.jpg", "b.jpg"], [0, 1], [0, 0], 4, None, attrs)
+        killed.close()
+        stale = killed.partial
+        with h5py.File(stale, "r+") as f:
+            del f.attrs["rows_done"]
+    else:
+        stale = new_partial(out, ".h5")
+    if header == "no attributes":
+        with h5py.File(stale, "w") as f:
+            f.create_dataset("global", shape=(2, 4), dtype=np.float32)
+    w = FeaturesWriter(out, ["a.jpg", "b.jpg"], [0, 1], [0, 0], 4, None, attrs, resume=True)
+    assert w.rows_done == 0 and w.partial != stale and not stale.exists()
+    w.write(0, np.eye(2, 4, dtype=np.float32))
+    w.finish()
+    np.testing.assert_array_equal(read_features(out).global_feats, np.eye(2, 4, dtype=np.float32))
+
+
 def _inspect(path):
     return subprocess.run([script("inspect-data"), str(path)], capture_output=True, text=True)
 
@@ -214,6 +240,29 @@ def test_output_lock_refuses_another_process_and_is_reentrant(tmp_path):
     other = subprocess.run([sys.executable, "-c", probe, str(dest)], capture_output=True, text=True)
     assert other.stdout.strip() == "got it"
     assert issubclass(OutputBusyError, InputError) and issubclass(OutputBusyError, OSError)
+
+
+@pytest.mark.parametrize("step", ["_acquire", "new_partial"])
+def test_ctrl_c_while_a_lock_or_partial_file_is_created_leaves_nothing(tmp_path, monkeypatch, step):
+    """A Ctrl-C that arrives right after the lock file (or the partial file) was created, before it was recorded
+    for clean-up, is held to the end of that step and raised where the clean-up runs: nothing is left behind."""
+    import signal
+
+    from partreid.common import fileio
+
+    real = getattr(fileio, step)
+
+    def interrupted(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler inside os.kill for a signal to itself
+        return made
+
+    monkeypatch.setattr(fileio, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_path(tmp_path / "f.h5") as tmp:
+            tmp.write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_writer_partial_is_unique_and_locked(tmp_path):
