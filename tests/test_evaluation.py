@@ -174,6 +174,23 @@ def test_distance_chunks_values_and_contract():
         distance_chunks(qf, gf, metric="manhattan")
 
 
+def test_euclidean_blocks_round_like_the_peers_addmm():
+    """Bit for bit fl((‖q‖² + ‖g‖²) + (−2)·fl(q·g)) in float32, the rounding of the peers'
+    ``(‖q‖² + ‖g‖²).addmm_(q, gᵀ, beta=1, alpha=−2)``, for any chunk size (one 256-row tile here)."""
+    from partreid.common.retrieval.evaluation import TILE_ROWS
+
+    rng = np.random.default_rng(5)
+    qf = rng.normal(size=(TILE_ROWS, 48)).astype(np.float32)
+    gf = rng.normal(size=(300, 48)).astype(np.float32)
+    qn = np.einsum("ij,ij->i", qf, qf)
+    gn = np.einsum("ij,ij->i", gf, gf)
+    expected = (qn[:, None] + gn[None, :]) + np.float32(-2.0) * (qf @ gf.T)
+    assert expected.dtype == np.float32
+    for chunk in (TILE_ROWS, 100, 7):
+        got = np.concatenate([b for _, b in distance_chunks(qf, gf, chunk_size=chunk)])
+        np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
+
+
 def test_evaluate_features_matches_reference_on_dense_float64_distances():
     rng = np.random.default_rng(5)
     centers = rng.normal(size=(8, 16))

@@ -69,6 +69,41 @@ def test_sparse_dbscan_equals_dense_dbscan():
     assert expected.max() >= 1 and (expected == -1).any()
 
 
+def _random_graph(rng, n, density, symmetric, diag):
+    dense = rng.uniform(0, 1, (n, n)).astype(np.float32)
+    stored = rng.uniform(size=(n, n)) < density
+    dense[rng.uniform(size=(n, n)) < 0.02] = 0.0  # exact duplicates
+    if symmetric:
+        dense, stored = np.minimum(dense, dense.T), stored | stored.T
+    np.fill_diagonal(stored, False)
+    if diag == "stored zero":
+        np.fill_diagonal(stored, True)
+        np.fill_diagonal(dense, 0.0)
+    elif diag == "stored far":  # a self-distance above eps: the point is not its own neighbour
+        np.fill_diagonal(stored, True)
+        np.fill_diagonal(dense, 0.9)
+    return sp.csr_matrix((dense[stored], np.nonzero(stored)), shape=(n, n))
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "directed"])
+@pytest.mark.parametrize("diag", ["absent", "stored zero", "stored far"])
+def test_dbscan_labels_equal_scikit_learn(symmetric, diag):
+    """Label for label what scikit-learn's DBSCAN gives on the same sparse graph, over graphs whose border points
+    touch several clusters (the symmetric fast path and the directed fall-back)."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for trial in range(40):
+        n = int(rng.integers(1, 120))
+        g = _random_graph(rng, n, density=float(rng.uniform(0.01, 0.15)), symmetric=symmetric, diag=diag)
+        for eps in (0.1, 0.3, 0.6):
+            for min_samples in (1, 2, 3, 5):
+                expected = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(g)
+                np.testing.assert_array_equal(dbscan_labels(g, eps, min_samples), expected,
+                                              err_msg=f"trial {trial} eps {eps} min_samples {min_samples}")
+                checked += int(expected.max() >= 1 and (expected == -1).any())
+    assert checked > 50  # several clusters and outliers, not only trivial labelings
+
+
 def test_dbscan_errors():
     g = sp.csr_matrix((3, 3), dtype=np.float32)
     with pytest.raises(InputError):
@@ -116,6 +151,21 @@ def test_pairwise_scores_match_bruteforce():
     tp = (same_cluster & same_pid)[iu].sum()
     assert q["precision"] == pytest.approx(tp / same_cluster[iu].sum())
     assert q["recall"] == pytest.approx(tp / same_pid[iu].sum())
+
+
+def test_nmi_and_ari_equal_scikit_learn():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(3)
+    cases = [(np.zeros(5, int), np.zeros(5, int)), (np.arange(6), np.arange(6)), (np.zeros(6, int), np.arange(6)),
+             (np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])), (np.array([4]), np.array([9]))]
+    for _ in range(60):
+        n = int(rng.integers(2, 300))
+        cases.append((rng.integers(0, int(rng.integers(1, 30)), n), rng.integers(0, int(rng.integers(1, 30)), n)))
+    for labels, pids in cases:
+        q = cluster_quality(labels, pids)
+        assert q["nmi"] == pytest.approx(normalized_mutual_info_score(pids, labels), abs=1e-12)
+        assert q["ari"] == pytest.approx(adjusted_rand_score(pids, labels), abs=1e-12)
 
 
 def test_size_histogram():

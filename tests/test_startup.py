@@ -15,6 +15,8 @@ from partreid.common.h5io import write_features
 # runs a command's click ``main`` like its console script, then reports on stderr whether torch was loaded
 _RUNNER = ("import atexit, sys\n"
            "atexit.register(lambda: sys.stderr.write('\\nTORCH_LOADED=%s\\n' % ('torch' in sys.modules)))\n"
+           "atexit.register(lambda: sys.stderr.write('\\nHEAVY=%s\\n' % ','.join(\n"
+           "    m for m in ('sklearn', 'pandas', 'matplotlib') if m in sys.modules)))\n"
            "import importlib\n"
            "module = sys.argv.pop(1)\n"
            "sys.argv[0] = module\n"
@@ -71,6 +73,9 @@ def test_file_commands_without_torch(files):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp / "labels.h5") and "clusters" in proc.stderr
     assert not torch_loaded
+    # nor scikit-learn and pandas (0.9 s and 0.2 s of start-up), although the report has NMI/ARI vs pids
+    assert "quality vs pids: NMI" in proc.stderr
+    assert proc.stderr.rsplit("HEAVY=", 1)[1].split("\n")[0] == "", proc.stderr[-300:]
     # refine-labels, reading the labels path from stdin as in a pipe
     proc, torch_loaded = _run("partreid.cli.refine_labels", "--out", tmp / "refined.h5", "--k", 5,
                               stdin=f"{tmp / 'labels.h5'}\n")

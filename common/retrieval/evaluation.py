@@ -182,6 +182,10 @@ def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
     else:
         qn = np.einsum("ij,ij->i", q, q)
         gn = np.einsum("ij,ij->i", g, g)
+        # −2 folded into the query rows: scaling by a power of two commutes with every rounding of the product,
+        # so fl((−2q)·g) = −2·fl(q·g) bit for bit, and the separate pass over each block is saved
+        q = q * np.float32(-2.0)
+        norms = None  # (rows, G) buffer of ‖q‖² + ‖g‖², reused across blocks
     gt = g.T
     nq = q.shape[0]
     cached = (None, None)  # (tile start, tile product): a chunk boundary inside a tile computes it once
@@ -203,8 +207,11 @@ def _distance_iter(q: np.ndarray, g: np.ndarray, metric: str, chunk_size: int):
         if metric == "cosine":
             np.subtract(np.float32(1.0), out, out=out)
         else:
-            out *= np.float32(-2.0)
-            out += qn[start:stop, None] + gn[None, :]
+            if norms is None:
+                norms = np.empty_like(out)
+            block = norms[:stop - start]
+            np.add(qn[start:stop, None], gn[None, :], out=block)
+            out += block
         yield start, out
 
 
