@@ -12,7 +12,8 @@ Sections:
      (floor); decode only with Pillow (+ ``draft`` JPEG DCT scaling to a bounded height), the device path's
      worker; decode with ``torchvision.io.decode_jpeg``; the full PIL path of today (decode + 11-view multi-crop).
   2. Augmentation alone, images per CPU-second on one thread: PIL multi-crop on decoded images vs :class:`DeviceMultiCrop` on
-     batches of decoded uint8 arrays (the CPU standing in for the device).
+     batches of decoded uint8 arrays on the CPU (its compiled kernels, ``pass_pretrain/augment_cpu.py``), and the
+     same batched torch operations a GPU runs, executed on the CPU.
   3. A whole step, vit_tiny depth 1, in-process on one thread, data loading in the main process (images per
      CPU-second): PIL path, device path, and the model-only bound on synthetic views.
   4. The same as whole ``pass-pretrain`` processes (start-up included), against ``python -c 'import torch'``.
@@ -37,6 +38,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO.parent))  # the repository root is the package `partreid`
 
+from partreid.common.compiled import numba  # noqa: E402
 from partreid.common.data import load_dataset  # noqa: E402
 from partreid.common.data.decode import decode_bounded, open_image_file  # noqa: E402
 from partreid.common.data.images import ImageDataset  # noqa: E402
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--no-process", action="store_true", help="skip section 4")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    numba.set_num_threads(1)  # the compiled CPU kernels of DeviceMultiCrop: one core, like the rest
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:args.n]
     if not files:
         sys.exit(f"error: no JPEG files under {args.images}")
@@ -140,10 +143,14 @@ def main() -> None:
     dev = DeviceMultiCrop()
     batch = collate_uint8([(a, i) for i, a in enumerate(arrays[:args.batch])])
     dev_rate = rate(lambda: device_views(dev, batch, torch.device("cpu"), 0), len(batch), 3)
+    ops = DeviceMultiCrop(cpu_kernels=False)
+    ops_rate = rate(lambda: device_views(ops, batch, torch.device("cpu"), 0), len(batch), 2)
     collate_rate = rate(lambda: collate_uint8([(a, i) for i, a in enumerate(arrays[:args.batch])]), len(batch), 3)
     row("PIL multi-crop (PassMultiCropAugment), 1 process", f"{pil_rate:.1f} img/s")
-    row(f"DeviceMultiCrop on the CPU, batch {len(batch)}, 1 thread", f"{dev_rate:.1f} img/s",
+    row(f"DeviceMultiCrop on the CPU (compiled), batch {len(batch)}, 1 thread", f"{dev_rate:.1f} img/s",
         f"{dev_rate / pil_rate:.2f}x PIL")
+    row("the same, batched torch operations (the GPU code) on the CPU", f"{ops_rate:.1f} img/s",
+        f"{ops_rate / pil_rate:.2f}x PIL")
     row("collate of uint8 arrays into a padded batch (worker side)", f"{collate_rate:.0f} img/s")
 
     print(f"\n3. Whole step, vit_tiny depth 1 (heads 512/1024), batch {args.batch}, one process on one thread, "

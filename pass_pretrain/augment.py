@@ -20,7 +20,9 @@ Two implementations of the same random views:
   solarize then runs batched on the training device with per-sample random parameters drawn from the same
   distributions (:func:`sample_crop_boxes`, :func:`sample_color_params`). Crops are resampled with
   ``torchvision.ops.roi_align`` (bilinear, averaging ⌈box/output⌉² samples per output pixel when shrinking,
-  i.e. antialiased) where PIL uses bicubic; the band geometry is that of :func:`band_boxes`.
+  i.e. antialiased) where PIL uses bicubic; the band geometry is that of :func:`band_boxes`. On a GPU these are
+  batched torch operations; on the CPU the same views come from three compiled passes
+  (:mod:`partreid.pass_pretrain.augment_cpu`), because there each torch operation is a pass over memory.
 
 Both read their constants from :data:`RECIPE`.
 """
@@ -43,6 +45,7 @@ from partreid.common.data.base import ReIDDataset
 from partreid.common.data.decode import decode_bounded
 from partreid.common.data.images import IMAGENET_MEAN, IMAGENET_STD
 from partreid.common.errors import InputError
+from partreid.pass_pretrain import augment_cpu
 
 
 @dataclass(frozen=True)
@@ -514,16 +517,24 @@ def jitter_affine(params: Dict[str, torch.Tensor], mean_rgb: torch.Tensor,
     return A, b
 
 
-def blur_matrix(size: int, sigma: torch.Tensor) -> torch.Tensor:
-    """(n, size, size) matrices of a 1-D Gaussian blur with standard deviation ``sigma`` (n,) pixels: kernel
-    radius ⌈3·max σ⌉, normalised, edges extended (PIL ``GaussianBlur`` approximates the same Gaussian with box
-    blurs and also extends edges)."""
-    n = sigma.shape[0]
-    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
+def blur_taps(sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """(n, 2R+1) weights of a 1-D Gaussian with standard deviation ``sigma`` (n,) pixels over offsets −R…R,
+    R = max(1, ⌈3·max_sigma⌉), each row normalised to sum 1."""
+    radius = max(1, int(math.ceil(3.0 * float(max_sigma))))
     t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     g = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(torch.float32)) ** 2)
-    g = g / g.sum(dim=1, keepdim=True)  # (n, K)
-    cols = (torch.arange(size, device=sigma.device).view(-1, 1) + t.to(torch.int64).view(1, -1)).clamp_(0, size - 1)
+    return g / g.sum(dim=1, keepdim=True)
+
+
+def blur_matrix(size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """(n, size, size) matrices of a 1-D Gaussian blur with standard deviation ``sigma`` (n,) pixels: the taps of
+    :func:`blur_taps` with R from the largest σ, edges extended (PIL ``GaussianBlur`` approximates the same
+    Gaussian with box blurs and also extends edges)."""
+    n = sigma.shape[0]
+    g = blur_taps(sigma, float(sigma.max()))  # (n, K)
+    radius = (g.shape[1] - 1) // 2
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.int64)
+    cols = (torch.arange(size, device=sigma.device).view(-1, 1) + t.view(1, -1)).clamp_(0, size - 1)
     out = torch.zeros(n, size, size, device=sigma.device, dtype=torch.float32)
     return out.scatter_add_(2, cols.expand(n, size, -1), g.view(n, 1, -1).expand(n, size, -1))
 
@@ -582,6 +593,12 @@ class DeviceMultiCrop:
     pixel values, none in the random parameters: bilinear-area instead of bicubic resampling; float arithmetic
     instead of uint8 rounding; no clip between two consecutive affine adjustments.
 
+    Where: on a CUDA batch the torch operations above run on the GPU. On a CPU batch (``cpu_kernels=True``, the
+    default) the same random draws are rendered by three compiled passes (:mod:`partreid.pass_pretrain.augment_cpu`:
+    resample, jitter + hue, affine + blur + solarize + normalise), which give the torch operations' views to
+    float32 rounding at about 7× their speed and 5× the PIL path's per core (``benchmarks/bench_augment.py``);
+    ``cpu_kernels=False`` runs the torch operations on the CPU (the reference the tests compare with).
+
     Call ``aug(batch, gen)`` → list of ``layout.n_views`` float32 tensors (B, 3, h, w), ImageNet-normalised;
     ``gen`` is a ``torch.Generator`` on ``batch.images``'s device (seed it per iteration for reproducibility).
     """
@@ -590,13 +607,14 @@ class DeviceMultiCrop:
                  global_scale: Tuple[float, float] = (0.4, 1.0), local_scale: Tuple[float, float] = (0.1, 0.8),
                  local_per_band: int = 3, n_bands: int = 3, band_frac: float = 0.5,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 recipe: AugmentRecipe = RECIPE):
+                 recipe: AugmentRecipe = RECIPE, cpu_kernels: bool = True):
         self.layout = CropLayout(n_global=2, n_bands=n_bands, local_per_band=local_per_band)
         self.global_size, self.local_size = tuple(global_size), tuple(local_size)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.band_frac = float(band_frac)
         self.mean, self.std = tuple(mean), tuple(std)
         self.recipe = recipe
+        self.cpu_kernels = bool(cpu_kernels)
 
     def boxes(self, full_sizes: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """Crop boxes in full-resolution pixels for a batch with ``full_sizes`` (B, 2) = (H, W).
@@ -626,37 +644,72 @@ class DeviceMultiCrop:
     def __call__(self, batch: UInt8Batch, gen: torch.Generator) -> List[torch.Tensor]:
         device = batch.images.device
         B = len(batch)
-        x = batch.images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
         full = batch.full_sizes.to(device)
         scale_hw = batch.sizes.to(device).to(torch.float32) / full.to(torch.float32)
         g_boxes, l_boxes = self.boxes(full, gen)
-        rows = torch.arange(B, device=device, dtype=torch.float32)
-
-        def crop(boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:  # (m, B, 4) -> (m·B, 3, h, w)
-            m = boxes.shape[0]
-            top, left, h, w = boxes.to(torch.float32).unbind(-1)
-            sy, sx = scale_hw[:, 0], scale_hw[:, 1]
-            rois = torch.stack([rows.expand(m, B), left * sx, top * sy, (left + w) * sx, (top + h) * sy], dim=-1)
-            return roi_align(x, rois.reshape(-1, 5), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                             aligned=True)
-
         r = self.recipe
-        thr = r.solarize_threshold / 255.0
         blur_p = torch.cat([torch.full((B,), r.blur_p[0], device=device),
                             torch.full((B,), r.blur_p[1], device=device)])
         sol_p = torch.cat([torch.zeros(B, device=device), torch.full((B,), r.solarize_p, device=device)])
-        params = sample_color_params(2 * B, gen, device, blur_p, sol_p, r)
-        g = color_pipeline(crop(g_boxes, self.global_size), params, self.mean, self.std, thr)
-        views = list(g.view(2, B, *g.shape[1:]).unbind(0))
+        groups = [(g_boxes, self.global_size, sample_color_params(2 * B, gen, device, blur_p, sol_p, r))]
         n_local = self.layout.n_local
         if n_local:
             m = n_local * B
-            params = sample_color_params(m, gen, device, torch.full((m,), r.blur_p[2], device=device),
-                                         torch.zeros(m, device=device), r)
-            loc = color_pipeline(crop(l_boxes.reshape(n_local, B, 4), self.local_size), params, self.mean,
-                                 self.std, thr)
-            views.extend(loc.view(n_local, B, *loc.shape[1:]).unbind(0))
+            groups.append((l_boxes.reshape(n_local, B, 4), self.local_size,
+                           sample_color_params(m, gen, device, torch.full((m,), r.blur_p[2], device=device),
+                                               torch.zeros(m, device=device), r)))
+        compiled = device.type == "cpu" and self.cpu_kernels
+        x = None if compiled else batch.images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
+        views: List[torch.Tensor] = []
+        for boxes, size, params in groups:
+            rois = self._rois(boxes, scale_hw)
+            out = (self._render_compiled(batch.images, rois, size, params) if compiled
+                   else self._render_torch(x, rois, size, params))
+            views.extend(out.view(boxes.shape[0], B, *out.shape[1:]).unbind(0))
         return views
+
+    @staticmethod
+    def _rois(boxes: torch.Tensor, scale_hw: torch.Tensor) -> torch.Tensor:
+        """(m, B, 4) boxes (top, left, h, w) in full-resolution pixels → (m·B, 5) ``roi_align`` rows
+        ``(image, x1, y1, x2, y2)`` in the decoded batch's pixels, view-major."""
+        m, B = boxes.shape[0], boxes.shape[1]
+        top, left, h, w = boxes.to(torch.float32).unbind(-1)
+        sy, sx = scale_hw[:, 0], scale_hw[:, 1]
+        rows = torch.arange(B, device=boxes.device, dtype=torch.float32)
+        rois = torch.stack([rows.expand(m, B), left * sx, top * sy, (left + w) * sx, (top + h) * sy], dim=-1)
+        return rois.reshape(-1, 5)
+
+    def _render_torch(self, x: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int],
+                      params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        crops = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return color_pipeline(crops, params, self.mean, self.std, self.recipe.solarize_threshold / 255.0)
+
+    def _render_compiled(self, images: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int],
+                         params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`_render_torch` on the CPU in three compiled passes (:mod:`partreid.pass_pretrain.augment_cpu`):
+        the same crops, colour maps, blur taps and normalisation, without the dozens of full passes over the
+        views that the torch operations make."""
+        n = rois.shape[0]
+        out = np.empty((n, 3, *size), np.float32)
+        sums = np.empty((n, 3), np.float64)
+        pixels = float(size[0] * size[1])
+        roi = rois.numpy()
+        augment_cpu.resample_views(images.contiguous().numpy(), roi[:, 0].astype(np.int64),
+                                   roi[:, 1:].astype(np.float64), params["flip"].numpy(), out, sums)
+        A, b = jitter_affine(params, torch.from_numpy(sums / pixels).to(torch.float32), after_hue=False)
+        augment_cpu.jitter_views(out, A.numpy(), b.numpy(), params["jitter"].numpy(),
+                                 params["hue"].to(torch.float32).numpy(), sums)
+        A, b = jitter_affine(params, torch.from_numpy(sums / pixels).to(torch.float32), after_hue=True)
+        blur = params["blur"]
+        sigma = params["sigma"]
+        taps = (blur_taps(sigma, float(sigma[blur].max())) if bool(blur.any())
+                else torch.zeros((n, 3), dtype=torch.float32))
+        mean = torch.tensor(self.mean, dtype=torch.float32)
+        std = torch.tensor(self.std, dtype=torch.float32)
+        augment_cpu.finish_views(out, A.numpy(), b.numpy(), blur.numpy(), taps.numpy(),
+                                 params["solarize"].numpy(), np.float32(self.recipe.solarize_threshold / 255.0),
+                                 (1.0 / std).numpy(), (-mean / std).numpy())
+        return torch.from_numpy(out)
 
 
 def resolve_augment_on(choice: str, device: torch.device) -> str:

@@ -216,6 +216,40 @@ def test_colour_ops_match_pillow():
         assert np.abs(want - got).mean() < 2.5 / 255
 
 
+@pytest.mark.parametrize("recipe", [RECIPE, AugmentRecipe(flip_p=0.5, jitter_p=0.5, gray_p=0.5, blur_p=(0.5, 0.5, 0.5),
+                                                           solarize_p=0.5, blur_radius=(0.1, 3.0))],
+                         ids=["PASS recipe", "every branch half the time"])
+def test_compiled_cpu_views_equal_the_torch_operations(recipe):
+    """On the CPU the views come from three compiled passes (pass_pretrain/augment_cpu.py); they must be the
+    views of the batched torch operations (``roi_align`` + :func:`color_pipeline`, the path a GPU runs) for the
+    same random draws: images of several sizes in one padded batch, decoded at full and at reduced size,
+    shrinking and enlarging crops, with and without flip, jitter, grayscale, blur and solarize."""
+    rng = np.random.default_rng(11)
+    items = []
+    for i, (h, w) in enumerate([(160, 64), (97, 41), (300, 120), (40, 90), (128, 64), (64, 20)]):
+        full = (h * 2, w * 2) if i % 2 else (h, w)  # odd items: decoded at half of their full size
+        items.append(((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), full), i))
+    batch = collate_uint8(items)
+    compiled = DeviceMultiCrop(global_size=(96, 48), local_size=(48, 24), recipe=recipe)
+    reference = DeviceMultiCrop(global_size=(96, 48), local_size=(48, 24), recipe=recipe, cpu_kernels=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    thr = recipe.solarize_threshold / 255.0
+    for seed in range(3):
+        got = device_views(compiled, batch, torch.device("cpu"), seed)
+        want = device_views(reference, batch, torch.device("cpu"), seed)
+        assert [g.shape for g in got] == [w.shape for w in want]
+        for v, (g, w) in enumerate(zip(got, want)):
+            g01, w01 = g * std + mean, w * std + mean  # back to [0, 1] pixel values
+            off = (g01 - w01).abs() > 1e-4  # 0.03 of a grey level
+            # float rounding may only flip a pixel sitting on the solarize threshold (1 - x on one side)
+            on_edge = ((w01 - thr).abs() < 1e-4) | ((w01 - (1 - thr)).abs() < 1e-4)
+            assert not bool((off & ~on_edge).any()), f"seed {seed} view {v}: {float((g01 - w01).abs().max())}"
+    # the comparison can fail: another seed gives other views
+    other = device_views(reference, batch, torch.device("cpu"), 99)
+    assert float((got[0] - other[0]).abs().max()) > 0.1
+
+
 def test_views_shapes_normalisation_and_reproducibility():
     rng = np.random.default_rng(1)
     items = [((rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), (h, w)) for h, w in [(120, 50), (90, 70)]]

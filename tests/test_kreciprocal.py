@@ -12,8 +12,9 @@ from sklearn.cluster import DBSCAN
 from partreid.common.errors import InputError
 from partreid.common.retrieval.kreciprocal import (InvertedIndex, encode, expanded_sets, jaccard_radius_graph,
                                                    knn_columns_needed, kreciprocal_jaccard, local_query_expansion,
-                                                   min_sum_block, neighbour_counts, numba_cache_dir, pattern_dots,
+                                                   min_sum_block, neighbour_counts, pattern_dots,
                                                    reciprocal_neighbours, reciprocal_pair, row_ids)
+from partreid.common.compiled import numba_cache_dir
 from partreid.pplr_finetune.pseudo_labels import dbscan_labels
 
 
