@@ -80,6 +80,37 @@ def row(name: str, value: str, note: str = "") -> None:
     print(f"  {name:<58} {value:>14}  {note}")
 
 
+def kornia_multicrop_rate(batch) -> "float | None":
+    """Images per CPU-second of ``kornia.augmentation`` running the same 11-view recipe on the padded batch, or
+    None without kornia. Timing only: kornia draws its boxes relative to the tensor, so on a batch padded from
+    images of different sizes its crops are not PASS's (one reason the device path does not use it)."""
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        return None
+    x = batch.images.permute(0, 3, 1, 2).float() / 255
+
+    def pipe(size, scale, blur_p, sol_p):
+        return K.AugmentationSequential(
+            K.RandomResizedCrop(size, scale=scale), K.RandomHorizontalFlip(),
+            K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.RandomGrayscale(p=0.2),
+            K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=blur_p), K.RandomSolarize(0.0, 0.0, p=sol_p),
+            K.Normalize(torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])))
+
+    g1, g2 = pipe((256, 128), (0.4, 1.0), 1.0, 0.0), pipe((256, 128), (0.4, 1.0), 0.1, 0.2)
+    local = pipe((128, 64), (0.1, 0.8), 0.5, 0.0)
+    h = x.shape[2]
+
+    def views():
+        out = [g1(x), g2(x)]
+        for k in range(3):
+            band = x[:, :, int(k * 0.25 * h):int(k * 0.25 * h) + h // 2]
+            out += [local(band) for _ in range(3)]
+        return out
+
+    return rate(views, len(batch), 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=Path, default=default_images(), help="folder of JPEG person crops")
@@ -145,12 +176,18 @@ def main() -> None:
     dev_rate = rate(lambda: device_views(dev, batch, torch.device("cpu"), 0), len(batch), 3)
     ops = DeviceMultiCrop(cpu_kernels=False)
     ops_rate = rate(lambda: device_views(ops, batch, torch.device("cpu"), 0), len(batch), 2)
+    kornia_rate = kornia_multicrop_rate(batch)
     collate_rate = rate(lambda: collate_uint8([(a, i) for i, a in enumerate(arrays[:args.batch])]), len(batch), 3)
     row("PIL multi-crop (PassMultiCropAugment), 1 process", f"{pil_rate:.1f} img/s")
     row(f"DeviceMultiCrop on the CPU (compiled), batch {len(batch)}, 1 thread", f"{dev_rate:.1f} img/s",
         f"{dev_rate / pil_rate:.2f}x PIL")
     row("the same, batched torch operations (the GPU code) on the CPU", f"{ops_rate:.1f} img/s",
         f"{ops_rate / pil_rate:.2f}x PIL")
+    if kornia_rate is None:
+        row("kornia.augmentation, same recipe", "skipped", "(pip install kornia to compare)")
+    else:
+        row("kornia.augmentation, same recipe (padded batch: timing only)", f"{kornia_rate:.1f} img/s",
+            f"{kornia_rate / pil_rate:.2f}x PIL")
     row("collate of uint8 arrays into a padded batch (worker side)", f"{collate_rate:.0f} img/s")
 
     print(f"\n3. Whole step, vit_tiny depth 1 (heads 512/1024), batch {args.batch}, one process on one thread, "
