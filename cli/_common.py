@@ -101,11 +101,18 @@ def seed_everything(seed: Optional[int], torch: bool = True) -> None:
         np.random.seed(seed % (2 ** 32))
 
 
-def common_options(func: Callable) -> Callable:
-    """Add ``--device``, ``--seed``, ``-v/--verbose``, ``--debug`` and ``--version`` to a click command."""
+def common_options(func: Optional[Callable] = None, *, seed_default: Optional[int] = 0,
+                   seed_help: str = "Random seed.") -> Callable:
+    """Add ``--device``, ``--seed``, ``-v/--verbose``, ``--debug`` and ``--version`` to a click command.
+
+    Used bare (``@common_options``) or with another ``--seed`` default (``@common_options(seed_default=None,
+    seed_help=...)``: a command whose seed comes from a preset unless given)."""
+    if func is None:
+        return functools.partial(common_options, seed_default=seed_default, seed_help=seed_help)
     func = click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")(func)
     func = click.option("-v", "--verbose", count=True, help="More log output (DEBUG level).")(func)
-    func = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(func)
+    func = click.option("--seed", type=int, default=seed_default, show_default=seed_default is not None,
+                        help=seed_help)(func)
     func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                         show_default=True, help="Where to run: CUDA when available, else CPU.")(func)
     func = click.version_option(__version__, "--version", prog_name="partreid")(func)

@@ -6,7 +6,7 @@ from partreid.cli._common import (Command, common_options, emit_output, guard_fi
                                   seed_everything)
 from partreid.cli.extract_features import parse_size
 from partreid.common.precision import AMP_MODES
-from partreid.pplr_finetune.config import PRESETS, describe_default as _d  # torch-free: the library's defaults
+from partreid.pplr_finetune.config import PRESETS, FinetuneConfig as _C, describe_default as _d  # torch-free defaults
 from partreid.common.models.archs import ARCHS
 
 
@@ -83,7 +83,8 @@ Examples:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--plot", is_flag=True, help="Draw metrics.png (losses, clusters, agreement, mAP per epoch).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@common_options
+@common_options(seed_default=None,
+                seed_help=f"Random seed [default: the preset's, {_C.seed} for every preset, as PPLR].")
 @guarded
 def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization, epochs, iters, batch_size,
          num_instances, optimizer, lr, weight_decay, step_size, k1, k2, eps, min_samples, k_agreement, beta,
@@ -108,9 +109,7 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
     from partreid.common.distributed import init_distributed
     from partreid.pplr_finetune.train import FinetuneConfig, finetune
 
-    if click.get_current_context().get_parameter_source("seed") == click.core.ParameterSource.DEFAULT:
-        seed = None  # the preset's seed (PPLR: 1), not the generic --seed default
-    seed_everything(seed)
+    seed_everything(seed)  # None: the preset's seed, applied by finetune()
     device = init_distributed(resolve_device(device))
     cfg = FinetuneConfig.from_preset(
         preset, checkpoint=checkpoint, data=spec, arch=arch, fusion=fusion, image_size=parse_size(image_size),

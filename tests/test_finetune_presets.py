@@ -57,6 +57,13 @@ def test_every_preset_trains(tiny, tmp_path, preset, arch):
     else:
         assert all("momentum_buffer" in s for s in opt.values())
     assert state["config"]["amp"] == "none"  # float32 unless asked
+    assert state["config"]["seed"] == FinetuneConfig().seed == 1  # the preset's seed: --seed was not given
+
+
+def test_finetune_help_states_the_seed_it_uses():
+    out = " ".join(subprocess.run([script("finetune"), "--help"], capture_output=True, text=True).stdout.split())
+    assert "Random seed [default: the preset's, 1 for every preset, as PPLR]" in out
+    assert "[default: 0]" not in out.split("--seed", 1)[1][:120]
 
 
 def test_bf16_autocast_runs_on_cpu_and_changes_the_numbers(tiny, tmp_path):
