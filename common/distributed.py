@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -112,3 +112,47 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def batch_sizes(n: int, device) -> List[int]:
+    """Every rank's local batch size, in rank order (one all_gather of an int64); ``[n]`` in one process.
+
+    A rank's batch can be smaller than the others' when some of its images turned unreadable (the collate drops
+    them); the training loop uses these sizes to skip an iteration on every rank at once and to gather batches of
+    different sizes (:func:`gather_rows`)."""
+    if world_size() == 1:
+        return [int(n)]
+    mine = torch.tensor([int(n)], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world_size())]
+    torch.distributed.all_gather(every, mine)
+    return [int(t.item()) for t in every]
+
+
+def gather_rows(t: torch.Tensor, sizes: Sequence[int], grad: bool = False) -> torch.Tensor:
+    """Every rank's rows of ``t`` concatenated in rank order, ranks holding ``sizes[r]`` rows each.
+
+    Rows are padded to ``max(sizes)`` for the collective and trimmed afterwards, so ranks may hold different
+    numbers of rows. With ``grad=True`` the result keeps the autograd graph
+    (``torch.distributed.nn.functional.all_gather``: its backward sums the gradients of all ranks, as
+    ``nn.DataParallel``'s gather does once DDP averages them). ``t`` itself in one process.
+
+    Args:
+        t: (sizes[rank], ...) tensor on this rank's device. sizes: from :func:`batch_sizes`.
+
+    Returns:
+        (sum(sizes), ...) tensor.
+    """
+    if world_size() == 1:
+        return t
+    most = max(sizes)
+    padded = t.contiguous()
+    if t.shape[0] < most:
+        padded = torch.cat([padded, padded.new_zeros((most - t.shape[0], *t.shape[1:]))])
+    if grad:
+        from torch.distributed.nn.functional import all_gather as all_gather_grad
+
+        parts = all_gather_grad(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])

@@ -137,24 +137,17 @@ class SeededBatches(torch.utils.data.Sampler):
             yield [(row, int(seeds[offset + j])) for j, row in enumerate(batch)]
 
 
-def gather_batch(out: Dict[str, torch.Tensor], *tensors: torch.Tensor):
+def gather_batch(out: Dict[str, torch.Tensor], sizes, *tensors: torch.Tensor):
     """Under DDP: every rank's outputs and labels concatenated in rank order (the global batch, as
     nn.DataParallel gathers it), so the losses (batch-hard triplet, memory update, PGLR) see the whole batch.
 
-    Outputs keep their gradient (``torch.distributed.nn.functional.all_gather``; its backward sums the gradients
-    of all ranks, and DDP's averaging then gives the gradient of the global-batch loss). A no-op in one process.
+    ``sizes``: every rank's batch size (:func:`partreid.common.distributed.batch_sizes`); they may differ when a
+    rank's collate dropped unreadable images. Outputs keep their gradient
+    (:func:`partreid.common.distributed.gather_rows`); DDP's averaging then gives the gradient of the
+    global-batch loss. A no-op in one process.
     """
-    if dist.world_size() == 1:
-        return (out,) + tensors
-    from torch.distributed.nn.functional import all_gather as all_gather_grad
-
-    out = {k: torch.cat(all_gather_grad(v.contiguous()), dim=0) for k, v in out.items()}
-    gathered = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(dist.world_size())]
-        torch.distributed.all_gather(parts, t.contiguous())
-        gathered.append(torch.cat(parts, dim=0))
-    return (out,) + tuple(gathered)
+    out = {k: dist.gather_rows(v, sizes, grad=True) for k, v in out.items()}
+    return (out,) + tuple(dist.gather_rows(t, sizes) for t in tensors)
 
 
 class _Run:
@@ -349,7 +342,8 @@ class _Run:
         bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", unit="it", leave=False,
                    disable=not cfg.progress or self.rank != 0)
         for it, (x, idx) in enumerate(bar):
-            if len(idx) == 0:
+            sizes = dist.batch_sizes(len(idx), self.device)
+            if min(sizes) == 0:  # a rank lost its whole batch to unreadable images: every rank skips the step
                 continue
             x = x.to(self.device, non_blocking=True)
             y = labels_t[idx].to(self.device)
@@ -358,7 +352,7 @@ class _Run:
             with dist.autocast(self.device, self.cfg.amp):
                 out = self.ddp_model(x)
             out = {k: v.float() for k, v in out.items()}
-            out, y, ca, cams = gather_batch(out, y, ca, cams)
+            out, y, ca, cams = gather_batch(out, sizes, y, ca, cams)
             terms = self.losses(epoch, out, y, ca, cams, memory, proxies)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)

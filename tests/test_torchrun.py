@@ -125,3 +125,38 @@ def test_finetune_one_epoch_agrees(setup, tmp_path):
     init = PartViT("vit_tiny", depth=1, image_size=(64, 32)).state_dict()
     moved = [k for k in init if f"backbone.{k}" in a and not torch.equal(init[k], a[f"backbone.{k}"])]
     assert len(moved) > len(init) // 2  # the backbone did train
+
+
+GATHER_SCRIPT = """
+import sys
+import torch
+from partreid.common import distributed as dist
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+n = 3 if rank == 0 else 1  # rank 1 lost two of its three images to unreadable files
+x = (torch.arange(2 * n, dtype=torch.float32).view(n, 2) + 10 * rank).requires_grad_(True)
+sizes = dist.batch_sizes(n, "cpu")
+rows = dist.gather_rows(x, sizes, grad=True)
+owner = dist.gather_rows(torch.full((n,), rank), sizes)
+weight = torch.arange(1.0, 9.0).view(4, 2)
+(rows * weight).sum().backward()
+torch.save({"sizes": sizes, "rows": rows.detach(), "owner": owner, "grad": x.grad}, f"{sys.argv[1]}/{rank}.pt")
+torch.distributed.barrier()  # neither rank tears gloo down while the other still talks
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_gather_rows_of_different_sizes(tmp_path):
+    """Ranks whose batches differ in size (unreadable images dropped by the collate) gather the global batch in rank
+    order, and the gradient flows back to each rank's own rows (summed over the ranks' identical losses)."""
+    script_path = tmp_path / "gather.py"
+    script_path.write_text(GATHER_SCRIPT)
+    _launch([str(script_path), str(tmp_path)], 2)
+    weight = torch.arange(1.0, 9.0).view(4, 2)
+    for rank, mine in ((0, slice(0, 3)), (1, slice(3, 4))):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
+        assert got["sizes"] == [3, 1]
+        assert got["rows"].tolist() == [[0, 1], [2, 3], [4, 5], [10, 11]]
+        assert got["owner"].tolist() == [0, 0, 0, 1]
+        torch.testing.assert_close(got["grad"], 2 * weight[mine])  # two ranks, the same loss on each
