@@ -424,7 +424,8 @@ def guarded(func: Callable) -> Callable:
     """Run a command body with the project's exit-code and error-message conventions.
 
     Before the body: numeric options are checked (:func:`validate_options`), SIGTERM is routed like Ctrl-C
-    (:class:`~partreid.common.errors.Terminated`), and an exit stack is opened for the locks
+    (:class:`~partreid.common.errors.Terminated`; a signal whose exception Python had to swallow is delivered
+    again, :func:`_on_unraisable`), and an exit stack is opened for the locks
     :func:`guard_files` takes. Afterwards every failure is one line on stderr: ``error: ...`` and exit 2 for bad
     input or usage, exit 130 on Ctrl-C, 143 on SIGTERM (state kept for ``--resume``), ``internal error: ...``
     and exit 1 otherwise.
