@@ -379,14 +379,28 @@ def run_checkpoint(checkpoint: Optional[str], what: str = "--checkpoint") -> Opt
 
 # --------------------------------------------------------------------------------------------- the wrapper
 def _on_sigterm(signum, frame):
+    global _SIGNAL_SEEN
     if os.getpid() != _MAIN_PID:  # a forked DataLoader worker: end like an untrapped SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    _SIGNAL_SEEN = signal.SIGTERM
     raise Terminated()
 
 
+def _on_sigint(signum, frame):
+    """Python's own Ctrl-C behaviour (raise KeyboardInterrupt), remembering that it happened."""
+    global _SIGNAL_SEEN
+    if os.getpid() == _MAIN_PID:
+        _SIGNAL_SEEN = signal.SIGINT
+    raise KeyboardInterrupt()
+
+
 _MAIN_PID = os.getpid()
+#: the signal received while a command body ran: a library that turns the handler's exception into one of its own
+#: (h5py reports an exception raised inside its type-conversion callback as ``TypeError: Operation not defined
+#: for data type class``) must not make a Ctrl-C or SIGTERM look like an internal error
+_SIGNAL_SEEN: Optional[int] = None
 
 
 def _on_unraisable(unraisable) -> None:
@@ -425,7 +439,8 @@ def guarded(func: Callable) -> Callable:
 
     Before the body: numeric options are checked (:func:`validate_options`), SIGTERM is routed like Ctrl-C
     (:class:`~partreid.common.errors.Terminated`; a signal whose exception Python had to swallow is delivered
-    again, :func:`_on_unraisable`), and an exit stack is opened for the locks
+    again, :func:`_on_unraisable`; one whose exception a library turned into another error still ends as that
+    signal), and an exit stack is opened for the locks
     :func:`guard_files` takes. Afterwards every failure is one line on stderr: ``error: ...`` and exit 2 for bad
     input or usage, exit 130 on Ctrl-C, 143 on SIGTERM (state kept for ``--resume``), ``internal error: ...``
     and exit 1 otherwise.
@@ -433,27 +448,42 @@ def guarded(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        global _GUARD_STACK, _MAIN_PID, _PREVIOUS_UNRAISABLEHOOK
+        global _GUARD_STACK, _MAIN_PID, _PREVIOUS_UNRAISABLEHOOK, _SIGNAL_SEEN
         debug = kwargs.get("debug", False) or os.environ.get("PARTREID_DEBUG") == "1"
         setup_logging(kwargs.get("verbose", 0))
         ctx = click.get_current_context(silent=True)
         resumable = ctx is not None and any(p.name == "resume" for p in ctx.command.params)
         _MAIN_PID = os.getpid()
+        _SIGNAL_SEEN = None
         try:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            previous_int = signal.signal(signal.SIGINT, _on_sigint)
         except ValueError:  # not the main thread
-            previous = None
+            previous = previous_int = None
         previous_hook = sys.unraisablehook
         if previous_hook is not _on_unraisable:
             _PREVIOUS_UNRAISABLEHOOK = previous_hook
         sys.unraisablehook = _on_unraisable
         stack = contextlib.ExitStack()
         outer, _GUARD_STACK = _GUARD_STACK, stack
+        def stop_for_signal(sig: int):
+            nonlocal previous_hook
+            if not debug:  # objects the signal caught mid-construction fail in __del__ as they are freed
+                previous_hook = _after_signal
+            hint = "; partial results are kept: run it again with --resume" if resumable else ""
+            if sig == signal.SIGTERM:
+                click.echo(f"error: terminated (SIGTERM){hint}", err=True)
+                sys.exit(EXIT_SIGTERM)
+            click.echo(f"error: interrupted (SIGINT){hint}", err=True)
+            sys.exit(EXIT_SIGINT)
+
         try:
             with stack:
                 validate_options(kwargs, ctx)
                 return func(*args, **kwargs)
         except InputError as exc:
+            if _SIGNAL_SEEN is not None:  # the signal's exception, reworded on its way up
+                stop_for_signal(_SIGNAL_SEEN)
             if debug:
                 traceback.print_exc()
             click.echo(f"error: {one_line(exc)}", err=True)
@@ -464,17 +494,12 @@ def guarded(func: Callable) -> Callable:
             click.echo(f"error: {_usage_text(exc)}", err=True)
             sys.exit(EXIT_INPUT)
         except KeyboardInterrupt as exc:
-            if not debug:  # objects the signal caught mid-construction fail in __del__ as they are freed
-                previous_hook = _after_signal
-            hint = "; partial results are kept: run it again with --resume" if resumable else ""
-            if isinstance(exc, Terminated):
-                click.echo(f"error: terminated (SIGTERM){hint}", err=True)
-                sys.exit(EXIT_SIGTERM)
-            click.echo(f"error: interrupted (SIGINT){hint}", err=True)
-            sys.exit(EXIT_SIGINT)
+            stop_for_signal(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
         except BrokenPipeError:
             sys.exit(EXIT_INTERNAL)
         except Exception as exc:  # internal error: exit 1
+            if _SIGNAL_SEEN is not None:  # the signal's exception, reworded on its way up
+                stop_for_signal(_SIGNAL_SEEN)
             if debug:
                 traceback.print_exc()
             else:
@@ -487,6 +512,7 @@ def guarded(func: Callable) -> Callable:
             if previous is not None:
                 with contextlib.suppress(ValueError):
                     signal.signal(signal.SIGTERM, previous)
+                    signal.signal(signal.SIGINT, previous_int)
 
     return wrapper
 

@@ -150,3 +150,32 @@ def test_signal_inside_a_constructor_leaves_the_error_line_last(sig, rc):
     assert proc.returncode == rc, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+REWORDED_SIGNAL = """
+import os, signal
+import click
+from partreid.cli._common import guarded
+
+@click.command()
+@guarded
+def main():
+    try:  # like h5py, whose type-conversion callback turns the handler's exception into a TypeError
+        os.kill(os.getpid(), signal.{sig})
+    except BaseException:
+        raise TypeError("Operation not defined for data type class") from None
+    print("ran to completion")
+
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_reworded_by_a_library_still_ends_as_that_signal(sig, rc):
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", REWORDED_SIGNAL.format(sig=sig)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {'terminated' if rc == 143 else 'interrupted'}")
+    assert "internal error" not in proc.stderr and "TypeError" not in proc.stderr
