@@ -43,7 +43,7 @@ from partreid.common.data import load_dataset  # noqa: E402
 from partreid.common.data.decode import decode_bounded, open_image_file  # noqa: E402
 from partreid.common.data.images import ImageDataset  # noqa: E402
 from partreid.pass_pretrain.augment import (DEFAULT_MAX_HEIGHT, BoundedDecoder, DecodedImages, DeviceMultiCrop,  # noqa: E402
-                                            PassMultiCropAugment, collate_uint8, device_views)
+                                            PassMultiCropAugment, band_boxes, collate_uint8, device_views)
 from partreid.pass_pretrain.train import (MultiCropDataset, PassConfig, PassTrainer, collate_views,  # noqa: E402
                                           item_seed)
 
@@ -80,32 +80,35 @@ def row(name: str, value: str, note: str = "") -> None:
     print(f"  {name:<58} {value:>14}  {note}")
 
 
-def kornia_multicrop_rate(batch) -> "float | None":
-    """Images per CPU-second of ``kornia.augmentation`` running the same 11-view recipe on the padded batch, or
-    None without kornia. Timing only: kornia draws its boxes relative to the tensor, so on a batch padded from
-    images of different sizes its crops are not PASS's (one reason the device path does not use it)."""
+def kornia_multicrop_rate(batch, aug: DeviceMultiCrop) -> "float | None":
+    """Images per CPU-second of ``kornia.augmentation`` running ``aug``'s 11-view recipe (sizes, scales,
+    :data:`RECIPE` probabilities and ranges, :func:`band_boxes`) on the padded batch, or None without kornia.
+    Timing only: kornia draws its boxes relative to the tensor, so on a batch padded from images of different sizes
+    its crops are not PASS's (one reason the device path does not use it)."""
     try:
         import kornia.augmentation as K
     except ImportError:
         return None
+    r = aug.recipe
     x = batch.images.permute(0, 3, 1, 2).float() / 255
+    blur_size = 2 * int(np.ceil(3 * r.blur_radius[1])) + 1  # the radius of our blur taps at the largest sigma
 
     def pipe(size, scale, blur_p, sol_p):
         return K.AugmentationSequential(
-            K.RandomResizedCrop(size, scale=scale), K.RandomHorizontalFlip(),
-            K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.RandomGrayscale(p=0.2),
-            K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=blur_p), K.RandomSolarize(0.0, 0.0, p=sol_p),
-            K.Normalize(torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])))
+            K.RandomResizedCrop(size, scale=scale, ratio=r.ratio), K.RandomHorizontalFlip(p=r.flip_p),
+            K.ColorJitter(*r.jitter, p=r.jitter_p), K.RandomGrayscale(p=r.gray_p),
+            K.RandomGaussianBlur((blur_size, blur_size), r.blur_radius, p=blur_p),
+            K.RandomSolarize(0.0, 0.0, p=sol_p), K.Normalize(torch.tensor(aug.mean), torch.tensor(aug.std)))
 
-    g1, g2 = pipe((256, 128), (0.4, 1.0), 1.0, 0.0), pipe((256, 128), (0.4, 1.0), 0.1, 0.2)
-    local = pipe((128, 64), (0.1, 0.8), 0.5, 0.0)
-    h = x.shape[2]
+    g1 = pipe(aug.global_size, aug.global_scale, r.blur_p[0], 0.0)
+    g2 = pipe(aug.global_size, aug.global_scale, r.blur_p[1], r.solarize_p)
+    local = pipe(aug.local_size, aug.local_scale, r.blur_p[2], 0.0)
+    bands = band_boxes(x.shape[2], x.shape[3], aug.layout.n_bands, aug.band_frac)
 
     def views():
         out = [g1(x), g2(x)]
-        for k in range(3):
-            band = x[:, :, int(k * 0.25 * h):int(k * 0.25 * h) + h // 2]
-            out += [local(band) for _ in range(3)]
+        for _, top, _, bottom in bands:
+            out += [local(x[:, :, top:bottom]) for _ in range(aug.layout.local_per_band)]
         return out
 
     return rate(views, len(batch), 2)
@@ -176,7 +179,7 @@ def main() -> None:
     dev_rate = rate(lambda: device_views(dev, batch, torch.device("cpu"), 0), len(batch), 3)
     ops = DeviceMultiCrop(cpu_kernels=False)
     ops_rate = rate(lambda: device_views(ops, batch, torch.device("cpu"), 0), len(batch), 2)
-    kornia_rate = kornia_multicrop_rate(batch)
+    kornia_rate = kornia_multicrop_rate(batch, dev)
     collate_rate = rate(lambda: collate_uint8([(a, i) for i, a in enumerate(arrays[:args.batch])]), len(batch), 3)
     row("PIL multi-crop (PassMultiCropAugment), 1 process", f"{pil_rate:.1f} img/s")
     row(f"DeviceMultiCrop on the CPU (compiled), batch {len(batch)}, 1 thread", f"{dev_rate:.1f} img/s",
