@@ -1,6 +1,7 @@
 """CLI conventions: --help/--version for every command, exit codes, and the stdin/stdout pipe contract."""
 
 import subprocess
+import sys
 
 import pytest
 
@@ -84,14 +85,24 @@ def test_umbrella_command_lists_and_runs_every_command():
     assert bogus.returncode == 2
 
 
-SWALLOWED_SIGNAL = """
-import os, signal, sys, time
-import click
-from partreid.cli._common import guarded
+def run_guarded(body: str, sig: str, rc: int, before: str = "") -> subprocess.CompletedProcess:
+    """Run ``body`` as a ``guarded`` click command in a fresh interpreter (``{sig}`` in it names the signal);
+    check its exit code and return the finished process."""
+    source = ("import os, signal, time\nimport click\nfrom partreid.cli._common import guarded\n"
+              f"{before}\n@click.command()\n@guarded\ndef main():\n{body}\nmain()\n").replace("{sig}", sig)
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    return proc
 
-@click.command()
-@guarded
-def main():
+
+SIGNALS = pytest.mark.parametrize("sig,rc,said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+
+
+@SIGNALS
+def test_signal_raised_where_python_swallows_it_still_stops_the_command(sig, rc, said):
+    """A signal whose exception lands in code that cannot propagate it (a ``__del__``, an at-fork callback) is
+    delivered again: the command stops with its signal exit code instead of running to completion."""
+    proc = run_guarded("""
     class Swallowing:
         def __del__(self):  # like logging's at-fork callback while a DataLoader worker starts
             os.kill(os.getpid(), signal.{sig})
@@ -99,83 +110,36 @@ def main():
     for _ in range(300):
         time.sleep(0.01)
     print("ran to completion")
-
-main()
-"""
-
-
-@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_raised_where_python_swallows_it_still_stops_the_command(sig, rc):
-    """A signal whose exception lands in code that cannot propagate it (a ``__del__``, an at-fork callback) is
-    delivered again: the command stops with its signal exit code instead of running to completion."""
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", SWALLOWED_SIGNAL.format(sig=sig)], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == rc, proc.stderr
+""", sig, rc)
     assert "ran to completion" not in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {'terminated' if rc == 143 else 'interrupted'}")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {said}")
     assert "Exception ignored" not in proc.stderr
 
 
-HALF_BUILT = """
-import os, signal
-import click
-from partreid.cli._common import guarded
-
+@SIGNALS
+def test_signal_inside_a_constructor_leaves_the_error_line_last(sig, rc, said):
+    """The half-built object's ``__del__`` failure as the process ends stays out of stderr: the one-line error is
+    the last line and no traceback follows it."""
+    proc = run_guarded("    HalfBuilt()\n", sig, rc, before="""
 class HalfBuilt:  # like a DataLoader iterator stopped inside __init__
     def __init__(self):
         os.kill(os.getpid(), signal.{sig})
         self.ready = True
     def __del__(self):
         assert self.ready
-
-@click.command()
-@guarded
-def main():
-    HalfBuilt()
-
-main()
-"""
-
-
-@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_inside_a_constructor_leaves_the_error_line_last(sig, rc):
-    """The half-built object's ``__del__`` failure as the process ends stays out of stderr: the one-line error is
-    the last line and no traceback follows it."""
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", HALF_BUILT.format(sig=sig)], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == rc, proc.stderr
+""")
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-REWORDED_SIGNAL = """
-import os, signal
-import click
-from partreid.cli._common import guarded
-
-@click.command()
-@guarded
-def main():
+@SIGNALS
+def test_signal_reworded_by_a_library_still_ends_as_that_signal(sig, rc, said):
+    proc = run_guarded("""
     try:  # like h5py, whose type-conversion callback turns the handler's exception into a TypeError
         os.kill(os.getpid(), signal.{sig})
     except BaseException:
         raise TypeError("Operation not defined for data type class") from None
     print("ran to completion")
-
-main()
-"""
-
-
-@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_reworded_by_a_library_still_ends_as_that_signal(sig, rc):
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", REWORDED_SIGNAL.format(sig=sig)], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == rc, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {'terminated' if rc == 143 else 'interrupted'}")
+""", sig, rc)
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {said}")
     assert "internal error" not in proc.stderr and "TypeError" not in proc.stderr
