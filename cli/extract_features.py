@@ -60,16 +60,15 @@ def main(checkpoint, spec, split, out, fusion, neck, flip, normalize, no_parts, 
     """
     checkpoint = run_checkpoint(checkpoint)
     guard_files(reads={"--checkpoint": checkpoint}, specs={"--data": spec}, writes={"--out": out})
-    from partreid.common.distributed import init_distributed
+    from partreid.common.distributed import is_main_process, session
     from partreid.cli._stages import extract_features
 
     seed_everything(seed)
-    device = init_distributed(resolve_device(device))
-    path = extract_features(checkpoint, spec, out, split=split, fusion=fusion, neck=neck, flip=flip,
-                            normalize=normalize, parts=not no_parts, arch=arch, image_size=parse_size(image_size),
-                            interpolation=interpolation, batch_size=batch_size, workers=workers, device=device,
-                            resume=resume, strict=strict)
-    from partreid.common.distributed import is_main_process
-
-    if is_main_process():
+    with session(resolve_device(device)) as device:
+        path = extract_features(checkpoint, spec, out, split=split, fusion=fusion, neck=neck, flip=flip,
+                                normalize=normalize, parts=not no_parts, arch=arch,
+                                image_size=parse_size(image_size), interpolation=interpolation,
+                                batch_size=batch_size, workers=workers, device=device, resume=resume, strict=strict)
+        main_process = is_main_process()
+    if main_process:
         emit_output(path)

@@ -106,24 +106,24 @@ def main(checkpoint, spec, out, preset, arch, fusion, image_size, normalization,
                 specs={"--data": spec, "--eval-data": eval_data}, out_dirs={"--keep-intermediate": keep_intermediate},
                 run_dirs={"--out": (out, ("checkpoint.pth", "last.pth", "metrics.csv", "summary.json",
                                           "metrics.png"))})
-    from partreid.common.distributed import init_distributed
+    from partreid.common.distributed import is_main_process, session
     from partreid.pplr_finetune.train import FinetuneConfig, finetune
 
     seed_everything(seed)  # None: the preset's seed, applied by finetune()
-    device = init_distributed(resolve_device(device))
-    cfg = FinetuneConfig.from_preset(
-        preset, checkpoint=checkpoint, data=spec, arch=arch, fusion=fusion, image_size=parse_size(image_size),
-        normalization=normalization, epochs=epochs, iters=iters, batch_size=batch_size, num_instances=num_instances,
-        optimizer=optimizer, lr=lr, weight_decay=weight_decay, step_size=step_size, k1=k1, k2=k2, eps=eps,
-        min_samples=min_samples, k=k_agreement, beta=beta, aals_epoch=aals_epoch, triplet_feature=triplet_feature,
-        camera_aware=camera_aware, lambda_cam=lambda_cam, bn_groups=bn_groups, random_init=random_init or None,
-        classifier_capacity=classifier_capacity, eval_every=eval_every, eval_data=eval_data, labels=labels_file,
-        keep_intermediate=keep_intermediate, resnet_weights=resnet_weights, workers=workers, amp=amp,
-        resume=resume, seed=seed, device=device, progress=not quiet)
-    path = finetune(cfg, out)
-    from partreid.common.distributed import is_main_process
-
-    if is_main_process():
+    with session(resolve_device(device)) as device:
+        cfg = FinetuneConfig.from_preset(
+            preset, checkpoint=checkpoint, data=spec, arch=arch, fusion=fusion, image_size=parse_size(image_size),
+            normalization=normalization, epochs=epochs, iters=iters, batch_size=batch_size,
+            num_instances=num_instances, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            step_size=step_size, k1=k1, k2=k2, eps=eps, min_samples=min_samples, k=k_agreement, beta=beta,
+            aals_epoch=aals_epoch, triplet_feature=triplet_feature, camera_aware=camera_aware, lambda_cam=lambda_cam,
+            bn_groups=bn_groups, random_init=random_init or None, classifier_capacity=classifier_capacity,
+            eval_every=eval_every, eval_data=eval_data, labels=labels_file, keep_intermediate=keep_intermediate,
+            resnet_weights=resnet_weights, workers=workers, amp=amp, resume=resume, seed=seed, device=device,
+            progress=not quiet)
+        path = finetune(cfg, out)
+        main_process = is_main_process()
+    if main_process:
         if plot:
             from pathlib import Path
 

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from contextlib import nullcontext
-from typing import List, Optional, Sequence, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,6 +72,13 @@ def init_distributed(device: str) -> str:
     if not is_torchrun() or not torch.distributed.is_available():
         return device
     if not torch.distributed.is_initialized():
+        # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when first imported;
+        # imported after the group exists (torchvision pulls it in through torch._dynamo) it would hold the default
+        # group forever, destroy_process_group() could not free it, and gloo's threads would still run while the
+        # interpreter shuts down, where they abort the process now and then ("terminate called without an active
+        # exception"). Imported first, the defaults are None, which means the default group at call time.
+        importlib.import_module("torch.distributed.nn.functional")
+
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend=backend)
     if device.startswith("cuda"):
@@ -78,6 +86,26 @@ def init_distributed(device: str) -> str:
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return device
+
+
+@contextmanager
+def session(device: str) -> Iterator[str]:
+    """:func:`init_distributed` for the length of a run; yields this rank's device.
+
+    On leaving, every rank waits for the others (:func:`barrier`) and the process group this call created is
+    destroyed. A rank that ends its process while gloo is still up and another rank is still working (rank 0
+    writing the file the others fed) aborts in gloo's C++ teardown ("terminate called without an active
+    exception", signal 6), and torchrun then kills the other ranks. After an exception the group is destroyed
+    without the barrier (the ranks still running are stopped by torchrun). A no-op outside torchrun.
+    """
+    created = is_torchrun() and torch.distributed.is_available() and not torch.distributed.is_initialized()
+    device = init_distributed(device)
+    try:
+        yield device
+        barrier()
+    finally:
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def rank() -> int:

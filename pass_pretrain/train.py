@@ -40,7 +40,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
@@ -344,15 +343,6 @@ class PassTrainer:
 
 
 # ------------------------------------------------------------------------------------------------ run helpers
-def _setup_distributed(device_pref: str) -> Tuple[torch.device, int, int, bool]:
-    """(device, rank, world_size, created) — under torchrun (WORLD_SIZE > 1) initialises torch.distributed through
-    :mod:`common.distributed` (NCCL on CUDA, gloo on the CPU; one GPU per local rank)."""
-    device_pref = cdist.resolve_device(device_pref)
-    created = cdist.is_torchrun() and dist.is_available() and not dist.is_initialized()
-    device = torch.device(cdist.init_distributed(device_pref))
-    return device, cdist.rank(), cdist.world_size(), created
-
-
 def _backbone_meta(config: PassConfig) -> Dict[str, Any]:
     return {"arch": config.arch, "embed_dim": ARCHS[config.arch]["embed_dim"],
             "num_heads": ARCHS[config.arch]["num_heads"], "depth": config.depth,
@@ -433,8 +423,9 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
     config.validate()
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    device, rank, world, created_pg = _setup_distributed(config.device)
-    try:
+    # under torchrun: NCCL on CUDA (one GPU per local rank), gloo on the CPU; every rank leaves together
+    with cdist.session(cdist.resolve_device(config.device)) as device_name:
+        device, rank, world = torch.device(device_name), cdist.rank(), cdist.world_size()
         resume_from: Optional[Path] = None
         if resume:
             resume_from = ckpt_path if resume is True else Path(resume)
@@ -580,11 +571,7 @@ def train_pass(config: PassConfig, dataset: Any, out_dir: Union[str, os.PathLike
                 writer.close()
         if rank == 0 and finished and config.export_on_finish and ckpt_path.exists():
             export_backbone(ckpt_path, out_dir / BACKBONE_NAME)
-        cdist.barrier()
         return ckpt_path
-    finally:
-        if created_pg and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def export_backbone(run_or_ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Path:

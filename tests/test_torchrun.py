@@ -10,6 +10,7 @@ One thread per process in both cases, so that the single process runs the same k
 """
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -160,3 +161,43 @@ def test_gather_rows_of_different_sizes(tmp_path):
         assert got["rows"].tolist() == [[0, 1], [2, 3], [4, 5], [10, 11]]
         assert got["owner"].tolist() == [0, 0, 0, 1]
         torch.testing.assert_close(got["grad"], 2 * weight[mine])  # two ranks, the same loss on each
+
+
+SESSION_SCRIPT = """
+import gc
+import json
+import sys
+import time
+import weakref
+import torch
+from partreid.common import distributed as dist
+
+done = None
+with dist.session("cpu") as device:
+    rank = dist.rank()
+    # what torchvision's import does through torch._dynamo: a module binding group.WORLD as a default argument
+    import torch.distributed.nn.functional
+    world = weakref.ref(torch.distributed.group.WORLD)
+    if rank == 0:
+        time.sleep(1.0)  # rank 0 still writing the file the others fed
+        done = time.time()
+left = time.time()
+gc.collect()
+json.dump({"device": device, "done": done, "left": left, "up": torch.distributed.is_initialized(),
+           "freed": world() is None}, open(f"{sys.argv[1]}/{rank}.json", "w"))
+"""
+
+
+def test_session_ranks_leave_together_and_tear_gloo_down(tmp_path):
+    """``session``: no rank leaves before every rank is done, and the group it created is destroyed and freed, also
+    when a module imported during the run bound it as a default argument. A rank whose process ended with gloo's
+    threads still running (group not destroyed, or destroyed but still referenced) aborted now and then with signal 6
+    ("terminate called without an active exception"), and torchrun then failed the whole run."""
+    script_path = tmp_path / "session.py"
+    script_path.write_text(SESSION_SCRIPT)
+    _launch([str(script_path), str(tmp_path)], 2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [r["device"] for r in ranks] == ["cpu", "cpu"]
+    assert [r["up"] for r in ranks] == [False, False]
+    assert [r["freed"] for r in ranks] == [True, True]
+    assert ranks[1]["left"] >= ranks[0]["done"]  # rank 1 waited for rank 0's second of work
