@@ -133,18 +133,16 @@ import sys
 import torch
 from partreid.common import distributed as dist
 
-torch.distributed.init_process_group("gloo")
-rank = torch.distributed.get_rank()
-n = 3 if rank == 0 else 1  # rank 1 lost two of its three images to unreadable files
-x = (torch.arange(2 * n, dtype=torch.float32).view(n, 2) + 10 * rank).requires_grad_(True)
-sizes = dist.batch_sizes(n, "cpu")
-rows = dist.gather_rows(x, sizes, grad=True)
-owner = dist.gather_rows(torch.full((n,), rank), sizes)
-weight = torch.arange(1.0, 9.0).view(4, 2)
-(rows * weight).sum().backward()
-torch.save({"sizes": sizes, "rows": rows.detach(), "owner": owner, "grad": x.grad}, f"{sys.argv[1]}/{rank}.pt")
-torch.distributed.barrier()  # neither rank tears gloo down while the other still talks
-torch.distributed.destroy_process_group()
+with dist.session("cpu"):  # as the commands run: every rank leaves together, the group is freed
+    rank = torch.distributed.get_rank()
+    n = 3 if rank == 0 else 1  # rank 1 lost two of its three images to unreadable files
+    x = (torch.arange(2 * n, dtype=torch.float32).view(n, 2) + 10 * rank).requires_grad_(True)
+    sizes = dist.batch_sizes(n, "cpu")
+    rows = dist.gather_rows(x, sizes, grad=True)
+    owner = dist.gather_rows(torch.full((n,), rank), sizes)
+    weight = torch.arange(1.0, 9.0).view(4, 2)
+    (rows * weight).sum().backward()
+    torch.save({"sizes": sizes, "rows": rows.detach(), "owner": owner, "grad": x.grad}, f"{sys.argv[1]}/{rank}.pt")
 """
 
 
