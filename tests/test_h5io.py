@@ -258,11 +258,17 @@ def test_ctrl_c_while_a_lock_or_partial_file_is_created_leaves_nothing(tmp_path,
         return made
 
     monkeypatch.setattr(fileio, step, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        with fileio.atomic_path(tmp_path / "f.h5") as tmp:
-            tmp.write_bytes(b"x")
-    assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, also where the suite runs with SIGINT ignored (started in the background by a
+    # shell without job control, or under nohup), where Python leaves SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with fileio.atomic_path(tmp_path / "f.h5") as tmp:
+                tmp.write_bytes(b"x")
+        assert list(tmp_path.iterdir()) == []
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_writer_partial_is_unique_and_locked(tmp_path):
